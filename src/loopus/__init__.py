@@ -1,0 +1,23 @@
+"""loopus: recast pretrained LLMs as looped latent-refinement (LoopUS) models."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .cache import LoopKVCache
+from .checkpoint import CheckpointError
+from .config import LoopUSConfig, SplitError
+from .convert import UnsupportedArchitectureError, convert
+from .modeling import LoopUSForCausalLM
+
+AutoConfig.register("loopus", LoopUSConfig)
+AutoModelForCausalLM.register(LoopUSConfig, LoopUSForCausalLM)
+
+__all__ = [
+    "CheckpointError",
+    "LoopKVCache",
+    "LoopUSConfig",
+    "LoopUSForCausalLM",
+    "SplitError",
+    "UnsupportedArchitectureError",
+    "convert",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Checkpoint integrity: refuse missing, partial or corrupt model directories with a clear message.
+
+A safetensors file starts with an 8-byte header length and a JSON header that gives every tensor's
+byte range, so a truncated file (a kill while copying or saving) is detected by comparing the
+file size with the end of the last range, without reading the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+def _check_safetensors_file(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes): re-save or re-copy the checkpoint")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated: its header alone needs {8 + header_len} bytes, file has {size}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError as err:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({err})") from err
+    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end != size:
+        raise CheckpointError(
+            f"{path} is partial: tensors need {8 + header_len + data_end} bytes, file has {size}. "
+            "It was probably cut off while saving or copying; restore it from the source"
+        )
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless `path` is a complete safetensors model directory."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is a file; pass the checkpoint directory that holds config.json")
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{root} has no config.json: not a saved model, or saving did not finish")
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (root / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{root} has config.json but no model.safetensors: the weights are missing (partial checkpoint)"
+        )
+    missing = [s for s in shards if not (root / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{root} is missing weight shards {missing} listed in its index")
+    for shard in shards:
+        _check_safetensors_file(root / shard)
+
+
+def _looks_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def load_checked(loader: Callable[..., Any], name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    """Call a `from_pretrained` after checking a local directory, and refuse weights that did not load."""
+    name = os.path.expanduser(str(name_or_path))
+    if _looks_local(name):
+        check_model_dir(name)
+    wants_info = kwargs.pop("output_loading_info", False)
+    model, info = loader(name, *args, output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise CheckpointError(
+            f"{name} lacks {len(missing)} weights (e.g. {missing[:3]}): the checkpoint is partial or from "
+            "another architecture; it would otherwise be silently filled with random values"
+        )
+    return (model, info) if wants_info else model

@@ -1,0 +1,1 @@
+"""One module per `loopus` verb; each defines `register(subparsers)` and sets `handler`."""

@@ -1,0 +1,109 @@
+"""`LoopUSConfig`: the base model's config plus every choice the looped recasting makes."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
+
+
+class SplitError(ValueError):
+    """An encoder / reasoning / decoder split that cannot be built."""
+
+
+def _as_count(layers: int | Sequence[int], num_layers: int, side: str) -> int:
+    """Turn `N` or an explicit index list into a layer count, checking the list is a contiguous edge."""
+    if isinstance(layers, int):
+        if layers < 0 or layers > num_layers:
+            raise SplitError(f"{side}_layers={layers} is out of range for a model with {num_layers} layers")
+        return layers
+    indices = sorted(int(i) for i in layers)
+    if len(set(indices)) != len(indices):
+        raise SplitError(f"{side}_layers={list(layers)} repeats a layer index")
+    bad = [i for i in indices if i < 0 or i >= num_layers]
+    if bad:
+        raise SplitError(f"{side}_layers has indices {bad} outside 0..{num_layers - 1}")
+    expected = list(range(len(indices))) if side == "encoder" else list(range(num_layers - len(indices), num_layers))
+    if indices != expected:
+        edge = "first" if side == "encoder" else "last"
+        raise SplitError(
+            f"{side}_layers={indices} must be the {edge} {len(indices)} layers {expected}: "
+            "the encoder is a prefix of the stack and the decoder a suffix"
+        )
+    return len(indices)
+
+
+def resolve_split(
+    num_layers: int, encoder_layers: int | Sequence[int], decoder_layers: int | Sequence[int]
+) -> tuple[int, int]:
+    """Validate a split and return (encoder count, decoder count); the reasoning block is what lies between."""
+    num_encoder = _as_count(encoder_layers, num_layers, "encoder")
+    num_decoder = _as_count(decoder_layers, num_layers, "decoder")
+    if num_encoder + num_decoder > num_layers:
+        raise SplitError(
+            f"encoder ({num_encoder}) and decoder ({num_decoder}) layers overlap in a model with {num_layers} layers"
+        )
+    if num_encoder + num_decoder == num_layers:
+        raise SplitError(
+            f"encoder ({num_encoder}) + decoder ({num_decoder}) take all {num_layers} layers: "
+            "the reasoning block must keep at least 1 layer"
+        )
+    return num_encoder, num_decoder
+
+
+class LoopUSConfig(PretrainedConfig):
+    """A pretrained decoder LM recast as encoder -> looped reasoning block -> decoder.
+
+    Args:
+        base_config: config of the wrapped causal LM (its own `model_type`).
+        encoder_layers: number of leading base layers run once before the loop.
+        decoder_layers: number of trailing base layers run once after the loop.
+        num_loops: loop count used when `forward` is not given one.
+        gate_rank: bottleneck width of the selective gate.
+        gate_init: the gate's mixing coefficient at initialisation (share of the new state taken).
+        kv_mode: "per_depth" keeps one KV per reasoning layer and loop depth; "shared" keeps one per layer.
+        use_cache: whether inference forwards build a KV cache by default.
+    """
+
+    model_type = "loopus"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    def __init__(
+        self,
+        base_config: PretrainedConfig | dict[str, Any] | None = None,
+        encoder_layers: int = 0,
+        decoder_layers: int = 0,
+        num_loops: int = 4,
+        gate_rank: int = 64,
+        gate_init: float = 0.5,
+        kv_mode: str = "per_depth",
+        use_cache: bool = True,
+        **kwargs: Any,
+    ):
+        self.base_config = base_config
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.num_loops = num_loops
+        self.gate_rank = gate_rank
+        self.gate_init = gate_init
+        self.kv_mode = kv_mode
+        self.use_cache = use_cache
+        super().__init__(**kwargs)
+        if not 0.0 < gate_init < 1.0:
+            raise ValueError(f"gate_init must lie in (0, 1), got {gate_init}")
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        if kv_mode not in ("per_depth", "shared"):
+            raise ValueError(f"kv_mode must be 'per_depth' or 'shared', got {kv_mode!r}")
+
+    @property
+    def reasoning_range(self) -> range:
+        """Base-layer indices of the reasoning block."""
+        return range(self.encoder_layers, self.base_config.num_hidden_layers - self.decoder_layers)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """Generation utilities read vocabulary and layer facts from the wrapped model's config."""
+        return self.base_config

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per loop count, and the lm-evaluation-harness adapter."""

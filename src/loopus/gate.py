@@ -1,0 +1,44 @@
+"""The selective gate that mixes each loop's proposal with the previous state.
+
+ZOH-style form: a = exp(-softplus(W_up W_down norm(h~ - h) + b) * exp(A_log)), h' = a*h~ + (1-a)*h.
+`a` lies in (0, 1) per token and per channel, so the state is always a convex combination of the
+proposal and the previous state and cannot run away however often the block is applied. The
+difference is RMS-normalised first because residual streams of real models have norms in the
+hundreds. `W_up` starts at zero, so at initialisation `a` is the constant `gate_init` everywhere and
+training learns the input dependence from there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+
+class SelectiveGate(nn.Module):
+    def __init__(self, hidden_size: int, rank: int, gate_init: float):
+        super().__init__()
+        self.gate_init = gate_init
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(hidden_size))
+
+    def reset_parameters(self) -> None:
+        """a = exp(-softplus(b)) = gate_init at start, i.e. b = log(1/gate_init - 1)."""
+        init.normal_(self.down.weight, std=self.down.in_features**-0.5)
+        init.zeros_(self.up.weight)
+        init.constant_(self.up.bias, math.log(1.0 / self.gate_init - 1.0))
+        init.zeros_(self.A_log)
+
+    def coefficient(self, proposal: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The share `a` of the proposal kept, shape like the states."""
+        delta = (proposal - previous).float()
+        delta = delta * torch.rsqrt(delta.pow(2).mean(-1, keepdim=True) + 1e-6)
+        rate = nn.functional.softplus(self.up(self.down(delta.to(self.down.weight.dtype))).float())
+        return torch.exp(-rate * torch.exp(self.A_log.float())).to(proposal.dtype)
+
+    def forward(self, proposal: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.coefficient(proposal, previous)
+        return a * proposal + (1 - a) * previous, a

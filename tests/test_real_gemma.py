@@ -1,0 +1,60 @@
+"""The same contracts on the real embedded Gemma 3 270M (cached safetensors conversion)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import loopus
+from loopus.eval.perplexity import per_loop_perplexity
+
+pytestmark = pytest.mark.real
+
+PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published four papers that", "Hi"]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_one_loop_equals_real_gemma(gemma, padding_side):
+    base, tokenizer = gemma
+    tokenizer.padding_side = padding_side
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = base(**batch).logits
+        got = loopus.convert(base, 4, 2)(**batch, num_loops=1).logits
+    keep = batch["attention_mask"].bool()
+    assert (got - expected)[keep].abs().max().item() <= 1e-4
+
+
+def test_real_gemma_round_trip_keeps_head_tied(gemma, tmp_path):
+    base, tokenizer = gemma
+    model = loopus.convert(base, 2, 1, num_loops=2)
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "base.lm_head.weight" not in set(f.keys())
+    # one 262k x 640 fp32 matrix, not two
+    assert (tmp_path / "model.safetensors").stat().st_size < 1.2e9
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.base.lm_head.weight.data_ptr() == loaded.base.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_untrained_loop_perplexity_on_wikitext(gemma, data_dir):
+    """At one loop the wrapper scores text exactly like the base; untrained extra loops hurt (the baseline)."""
+    base, tokenizer = gemma
+    text = (data_dir / "wikitext2" / "wiki.test.raw").read_text()
+    model = loopus.convert(base, 2, 1)
+    result = per_loop_perplexity(model, tokenizer, text, loops=(1, 2), max_tokens=256, window=128, progress=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:128]
+    inputs = torch.tensor([[tokenizer.bos_token_id] + ids[:-1]])
+    with torch.no_grad():
+        base_nll = torch.nn.functional.cross_entropy(base(inputs).logits[0], torch.tensor(ids)).item()
+    first_window = per_loop_perplexity(model, tokenizer, text, loops=(1,), max_tokens=128, window=128, progress=False)
+    assert first_window[1]["nll"] == pytest.approx(base_nll, abs=1e-4)
+    assert 5 < result[1]["ppl"] < 100
+    assert result[2]["ppl"] > result[1]["ppl"]
