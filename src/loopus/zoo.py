@@ -45,7 +45,7 @@ def _embedded_checkpoint(name: str) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict(), strict=False)
+    clean.load_state_dict(model.state_dict())
     clean.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
