@@ -1,0 +1,160 @@
+"""`TrainConfig`: every choice a training run makes, settable from CLI flags or a YAML/JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("loopus", "dense")
+FREEZABLE = ("embeddings", "encoder", "reasoning", "gate", "decoder", "head", "confidence")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "gemma-3-270m"          # embedded name, base checkpoint dir, hub id, or a LoopUS checkpoint dir
+    out: str = "runs/train"
+    mode: str = "loopus"                 # loopus (random deep supervision) | dense (unlooped base, same tokens)
+    encoder_layers: int | None = None    # split used when `model` is a plain base model (required then)
+    decoder_layers: int | None = None
+    gate_rank: int = 64
+    gate_init: float = 0.5
+    freeze: list[str] = field(default_factory=lambda: ["embeddings", "encoder"])
+    lora_rank: int = 0                   # > 0: LoRA adapters (PEFT) on the trainable transformer layers
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+    # data
+    data: str | None = None              # data dir (default $LOOPUS_DATA), or a .txt/.jsonl file
+    corpus: list[str] = field(default_factory=lambda: ["enwiki"])  # NAME, FILE, hf:NAME[:CONFIG]; "=W" for a weight
+    text_field: str = "text"
+    seq_len: int = 512
+    batch_size: int = 4                  # sequences per micro-batch per process
+    grad_accum: int = 1                  # micro-batches per optimiser step
+    val_tokens: int = 16384
+    val_fraction: float = 0.01           # held out when a corpus has no validation file
+    seed: int = 0
+    threads: int = 0                     # torch CPU threads (0: torch's default)
+
+    # length of the run (steps wins if both are given)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+
+    # optimiser and schedule (all counted in optimiser steps)
+    lr: float = 1e-4
+    new_module_lr_mult: float = 1.0      # lr multiplier for the new gate and confidence head
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    schedule: str = "cosine"             # cosine | linear | constant
+    max_grad_norm: float = 1.0
+
+    # random deep supervision
+    horizon_min: int = 2                 # T ~ U{horizon_min..horizon_max}
+    horizon_max: int = 8
+    supervised_min: int = 2              # |S| ~ U{supervised_min..supervised_max}, capped at T
+    supervised_max: int = 2
+    grad_steps: int = 1                  # k: loop steps run with gradient before each supervised step
+    supervise_last: bool = True          # T is always in S (the confidence target needs the final state)
+    beta_mono: float = 0.1
+    lambda_conf: float = 0.1
+    conf_margin: float = 0.05            # nats: exit is "safe" if it costs at most this much vs. T loops
+    ce_chunk: int = 256                  # positions per cross-entropy chunk (caps live logits)
+
+    # logging, validation, checkpoints
+    log_every: int = 1
+    eval_every: int = 0                  # 0: validate only before and after training
+    eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    eval_batch_size: int = 4
+    eval_at_start: bool = True
+    eval_at_end: bool = True
+    save_every: int = 0                  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.freeze, str):
+            self.freeze = [p for p in self.freeze.split(",") if p.strip()]
+        if isinstance(self.corpus, str):
+            self.corpus = [p for p in self.corpus.split(",") if p.strip()]
+        if isinstance(self.eval_loops, str):
+            self.eval_loops = [int(p) for p in self.eval_loops.split(",") if p.strip()]
+        self.betas = tuple(float(b) for b in self.betas)
+        unknown = sorted(set(self.freeze) - set(FREEZABLE) - {"none"})
+        if unknown:
+            raise ValueError(f"--freeze got unknown parts {unknown}; choose from {', '.join(FREEZABLE)} or none")
+        if not 1 <= self.horizon_min <= self.horizon_max:
+            raise ValueError(f"need 1 <= horizon_min <= horizon_max, got {self.horizon_min}, {self.horizon_max}")
+        if not 1 <= self.supervised_min <= self.supervised_max:
+            raise ValueError(
+                f"need 1 <= supervised_min <= supervised_max, got {self.supervised_min}, {self.supervised_max}"
+            )
+        if self.grad_steps < 1:
+            raise ValueError(f"grad_steps must be >= 1, got {self.grad_steps}")
+        for name in ("seq_len", "batch_size", "grad_accum", "ce_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("give the length of the run: --max-steps N or --max-tokens N")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if any(n < 1 for n in self.eval_loops):
+            raise ValueError(f"eval loop counts must be >= 1, got {self.eval_loops}")
+
+    @property
+    def frozen(self) -> set[str]:
+        return set(self.freeze) - {"none"}
+
+    def tokens_per_step(self, num_processes: int = 1) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * num_processes
+
+    def total_steps(self, num_processes: int = 1) -> int:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        per_step = self.tokens_per_step(num_processes)
+        return max(1, -(-int(self.max_tokens) // per_step))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """Options from a YAML or JSON file (keys as in TrainConfig; dashes allowed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of option: value")
+        return {str(k).replace("-", "_"): v for k, v in values.items()}

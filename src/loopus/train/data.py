@@ -1,0 +1,299 @@
+"""Training data: documents from local files or HF datasets, tokenised and packed into fixed-length rows.
+
+Sources (a corpus spec, optionally followed by `=WEIGHT`):
+
+- `NAME`             a corpus in the data directory: `NAME/train.jsonl` (+ `NAME/valid.jsonl`), or the
+                     `.jsonl`/`.txt` files in `NAME/`, or `NAME.jsonl`/`NAME.txt`
+- `PATH`             a `.jsonl` file (one JSON object per line, text in `text_field`), a `.txt` file
+                     (documents separated by blank lines) or a directory of them
+- `hf:NAME[:CONFIG]` a Hugging Face dataset (needs a reachable hub or a local HF cache)
+
+Packing: every document becomes `[bos] tokens [eos]` and documents are concatenated and cut into
+rows of `seq_len + 1` tokens with stride `seq_len` (inputs = row[:-1], labels = row[1:]). The EOS
+token separates documents; the label that would predict the next document's BOS is ignored.
+Weighted mixing takes round(weight * rows) rows from each corpus. Rows are shuffled with a
+generator seeded by (seed, epoch), so the order is a pure function of the seed and the position.
+A corpus without a validation file gives up the documents whose hash falls in `val_fraction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from ..paths import data_dir as resolve_data_dir
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    source: str
+    weight: float = 1.0
+
+
+def parse_corpus(spec: str) -> CorpusSpec:
+    """`enwiki`, `enwiki=0.7`, `/path/file.jsonl=2`, `hf:wikitext:wikitext-2-raw-v1`."""
+    source, weight = spec, 1.0
+    if "=" in spec:
+        head, _, tail = spec.rpartition("=")
+        try:
+            weight = float(tail)
+            source = head
+        except ValueError:
+            pass
+    if weight <= 0:
+        raise ValueError(f"corpus weight must be > 0, got {weight} in {spec!r}")
+    return CorpusSpec(source.strip(), weight)
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
+            if text_field not in record:
+                raise ValueError(f"{path}:{number} has no '{text_field}' field (set --text-field)")
+            text = record[text_field]
+            if text and text.strip():
+                yield text
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    paragraph: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                paragraph.append(line.rstrip("\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _read_files(paths: list[Path], text_field: str) -> Iterator[str]:
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from _read_jsonl(path, text_field)
+        elif path.suffix == ".txt":
+            yield from _read_txt(path)
+        else:
+            raise ValueError(f"unsupported data file {path}: use .jsonl (with a text field) or .txt")
+
+
+def _files_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file())
+
+
+@dataclass
+class Source:
+    """Where a corpus's training and (optional) validation documents come from."""
+
+    name: str
+    train: list[Path] | None = None
+    valid: list[Path] | None = None
+    hf: tuple[str, str | None] | None = None
+
+    def documents(self, split: str, text_field: str) -> Iterator[str] | None:
+        if self.hf is not None:
+            return _hf_documents(self.hf, split, text_field)
+        files = self.train if split == "train" else self.valid
+        return _read_files(files, text_field) if files else None
+
+
+def _hf_documents(spec: tuple[str, str | None], split: str, text_field: str) -> Iterator[str] | None:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("hf: corpora need the 'datasets' package: pip install datasets") from err
+    name, config = spec
+    split_name = "train" if split == "train" else "validation"
+    try:
+        builder = datasets.load_dataset_builder(name, config)
+        if split_name not in (builder.info.splits or {}):
+            return None
+        dataset = datasets.load_dataset(name, config, split=split_name, streaming=True)
+    except Exception as err:  # hub unreachable, unknown dataset, ...
+        raise RuntimeError(f"could not open HF dataset {name!r} ({type(err).__name__}: {err})") from err
+    return (row[text_field] for row in dataset if row.get(text_field, "").strip())
+
+
+def resolve_source(source: str, data: str | None) -> Source:
+    """Turn a corpus spec into files (or an HF dataset), with a clear error when nothing matches."""
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        return Source(source, hf=(name, config or None))
+    path = Path(source).expanduser()
+    if not path.exists():
+        if data is not None and Path(data).is_file():
+            raise FileNotFoundError(f"corpus {source!r} not found (--data is a file; pass a directory or a path)")
+        root = resolve_data_dir(data)
+        candidates = [root / source, root / f"{source}.jsonl", root / f"{source}.txt"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise FileNotFoundError(f"corpus {source!r} not found in the data directory {root}")
+        path = found[0]
+    if path.is_file():
+        return Source(source, train=[path])
+    if (path / "train.jsonl").is_file():
+        valid = path / "valid.jsonl"
+        return Source(source, train=[path / "train.jsonl"], valid=[valid] if valid.is_file() else None)
+    files = [f for f in _files_in(path) if not f.stem.startswith(("valid", "test"))]
+    valid = [f for f in _files_in(path) if f.stem.startswith("valid")]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .jsonl or .txt files")
+    return Source(source, train=files, valid=valid or None)
+
+
+def _held_out(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+class Packer:
+    """Tokenise documents in order and cut the `[bos] doc [eos] [bos] doc ...` stream into rows."""
+
+    def __init__(self, tokenizer, seq_len: int, batch_docs: int = 64):
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.batch_docs = batch_docs
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise ValueError("the tokenizer has no EOS token to separate packed documents")
+
+    def rows(self, documents: Iterable[str], max_rows: int) -> torch.Tensor:
+        width = self.seq_len + 1
+        need = max_rows * self.seq_len + 1
+        stream: list[int] = []
+        pending: list[str] = []
+
+        def flush() -> None:
+            encoded = self.tokenizer(pending, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                if self.bos is not None:
+                    stream.append(self.bos)
+                stream.extend(ids)
+                stream.append(self.eos)
+            pending.clear()
+
+        for doc in documents:
+            pending.append(doc)
+            if len(pending) >= self.batch_docs:
+                flush()
+                if len(stream) >= need:
+                    break
+        if pending and len(stream) < need:
+            flush()
+        count = min(max_rows, max(0, (len(stream) - 1) // self.seq_len))
+        if count == 0:
+            return torch.zeros(0, width, dtype=torch.int32)
+        rows = torch.as_strided(
+            torch.tensor(stream[: count * self.seq_len + 1], dtype=torch.int32), (count, width), (self.seq_len, 1)
+        )
+        return rows.clone()
+
+
+@dataclass
+class PackedData:
+    """Packed training and validation rows plus the deterministic order in which batches are drawn."""
+
+    train: torch.Tensor          # (rows, seq_len + 1) int32
+    valid: torch.Tensor
+    bos: int | None
+    seed: int
+    mix: dict[str, int]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.train.shape[0], generator=generator)
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Row indices for positions start..start+count of the endless shuffled stream."""
+        n = self.train.shape[0]
+        out = []
+        position = start
+        cached: dict[int, torch.Tensor] = {}
+        while len(out) < count:
+            epoch, offset = divmod(position, n)
+            if epoch not in cached:
+                cached[epoch] = self._order(epoch)
+            take = min(n - offset, count - len(out))
+            out.extend(cached[epoch][offset : offset + take].tolist())
+            position += take
+        return torch.tensor(out, dtype=torch.long)
+
+    def batch(self, global_index: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `global_index` (counted over the whole run), this rank's share of it."""
+        start = (global_index * world + rank) * batch_size
+        rows = self.train[self.indices(start, batch_size)]
+        return split_row(rows, self.bos)
+
+    def valid_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.valid[rank::world]
+        return [split_row(rows[i : i + batch_size], self.bos) for i in range(0, rows.shape[0], batch_size)]
+
+
+def split_row(rows: torch.Tensor, bos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = rows.long()
+    inputs, labels = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+    if bos is not None:
+        labels[labels == bos] = IGNORE_INDEX
+    return inputs, labels
+
+
+def _shares(weights: list[float], total: int) -> list[int]:
+    raw = [w / sum(weights) * total for w in weights]
+    counts = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def build_data(
+    tokenizer,
+    corpus: list[str],
+    data: str | None,
+    seq_len: int,
+    train_rows: int,
+    valid_rows: int,
+    seed: int = 0,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+) -> PackedData:
+    """Tokenise and pack just enough of each corpus for `train_rows` training rows (mixed by weight)."""
+    specs = [parse_corpus(c) for c in corpus]
+    if not specs:
+        raise ValueError("no corpus given")
+    sources = [resolve_source(s.source, data) for s in specs]
+    packer = Packer(tokenizer, seq_len)
+    train_counts = _shares([s.weight for s in specs], train_rows)
+    valid_counts = _shares([s.weight for s in specs], valid_rows)
+    train_parts, valid_parts, mix = [], [], {}
+    for source, n_train, n_valid in zip(sources, train_counts, valid_counts):
+        valid_docs = source.documents("valid", text_field)
+        if valid_docs is None:
+            # no validation file: a hash-based document split of the training file
+            train_docs = (d for d in source.documents("train", text_field) if not _held_out(d, val_fraction))
+            valid_docs = (d for d in source.documents("train", text_field) if _held_out(d, val_fraction))
+        else:
+            train_docs = source.documents("train", text_field)
+        train = packer.rows(train_docs, n_train)
+        if train.shape[0] == 0 and n_train > 0:
+            raise ValueError(f"corpus {source.name!r} yielded no training text")
+        valid = packer.rows(valid_docs, n_valid) if n_valid else torch.zeros(0, seq_len + 1, dtype=torch.int32)
+        train_parts.append(train)
+        valid_parts.append(valid)
+        mix[source.name] = int(train.shape[0])
+    return PackedData(torch.cat(train_parts), torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix)

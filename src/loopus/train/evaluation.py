@@ -1,0 +1,96 @@
+"""Validation: loss at several loop counts, and how well the confidence head is calibrated.
+
+One pass of the encoder and the loop up to the largest count; the decoder is applied after each
+requested count. The confidence target is the one used in training (see `objective`), with the
+deepest evaluated count as the reference. Calibration is reported as the expected calibration
+error over 10 equal-width bins (ECE), the Brier score, and the share of tokens that would exit at
+a 0.5 threshold. Every statistic is a sum, so processes can all-reduce them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from .objective import chunked_cross_entropy, confidence_targets, logits_function
+
+BINS = 10
+
+
+@torch.no_grad()
+def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loops: list[int],
+                    margin: float = 0.05, ce_chunk: int = 1024, device=None) -> torch.Tensor:
+    """Sums per loop count: rows = loops, columns = [nll, tokens, correct, conf, target, brier, exit@0.5,
+    then BINS x (count, conf sum, target sum)]."""
+    loops = sorted(set(loops))
+    stats = torch.zeros(len(loops), 7 + 3 * BINS, dtype=torch.float64, device=device)
+    logits_fn = logits_function(model)
+    looped = hasattr(model, "loop_step")
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        if not looped:
+            hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
+            stats[0, 0] += ce.nll.double().sum()
+            stats[0, 1] += ce.count
+            stats[0, 2] += (ce.pred == labels[ce.valid]).sum()
+            continue
+        embeds = model.get_input_embeddings()(input_ids)
+        ctx = model.layer_context(embeds, None, None, None)
+        state = model.encode(embeds, ctx)
+        per_loop = []
+        for depth in range(loops[-1]):
+            state, _ = model.loop_step(state, ctx, depth)
+            if depth + 1 in loops:
+                ce = chunked_cross_entropy(model.decode(state, ctx), labels, logits_fn, ce_chunk)
+                conf = model.confidence_head(state)[ce.valid].double()
+                per_loop.append((ce, conf))
+        ref = per_loop[-1][0]
+        for row, (ce, conf) in enumerate(per_loop):
+            target = confidence_targets(ce.nll, ce.pred, ref.nll, ref.pred, margin).double()
+            stats[row, 0] += ce.nll.double().sum()
+            stats[row, 1] += ce.count
+            stats[row, 2] += (ce.pred == labels[ce.valid]).sum()
+            stats[row, 3] += conf.sum()
+            stats[row, 4] += target.sum()
+            stats[row, 5] += ((conf - target) ** 2).sum()
+            stats[row, 6] += (conf >= 0.5).sum()
+            bins = (conf * BINS).long().clamp(max=BINS - 1)
+            for b in range(BINS):
+                sel = bins == b
+                stats[row, 7 + 3 * b] += sel.sum()
+                stats[row, 8 + 3 * b] += conf[sel].sum()
+                stats[row, 9 + 3 * b] += target[sel].sum()
+    return stats
+
+
+def summarize(stats: torch.Tensor, loops: list[int], looped: bool = True) -> dict[str, dict[str, float]]:
+    loops = sorted(set(loops)) if looped else [1]
+    out = {}
+    for row, n in enumerate(loops):
+        s = stats[row].tolist()
+        tokens = max(s[1], 1.0)
+        entry = {"loss": s[0] / tokens, "ppl": math.exp(min(s[0] / tokens, 50.0)), "acc": s[2] / tokens,
+                 "tokens": int(s[1])}
+        if looped:
+            ece = sum(abs(s[8 + 3 * b] - s[9 + 3 * b]) for b in range(BINS)) / tokens
+            entry.update(conf=s[3] / tokens, conf_target=s[4] / tokens, brier=s[5] / tokens,
+                         exit_at_0_5=s[6] / tokens, ece=ece)
+        out[str(n)] = entry
+    return out
+
+
+def evaluate(model, batches, loops: list[int], margin: float = 0.05, ce_chunk: int = 1024, device=None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Validation metrics keyed by loop count (a dense model reports one entry, "1")."""
+    was_training = model.training
+    model.eval()
+    try:
+        stats = loop_statistics(model, batches, loops, margin, ce_chunk, device)
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        stats = reduce(stats)
+    return summarize(stats, loops, looped=hasattr(model, "loop_step"))

@@ -1,0 +1,64 @@
+"""Model FLOPs of a training step (matmul FLOPs, 2 per multiply-add), for step-time ratios and MFU.
+
+Per token and layer the forward costs 2 * (linear weights) + attention (4 * head_dim * heads * s/2
+for causal attention over s positions). A backward costs 2x its forward where weights train
+(input and weight gradients) and 1x where only the input gradient is needed. Frozen front layers
+(embeddings, encoder) cost a forward only. The chunked cross entropy recomputes the head in the
+backward (+1 forward), as does gradient checkpointing for every layer with gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .objective import sample_plan
+
+
+def _layer_weights(layer: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def per_token_costs(config, seq_len: int) -> tuple[float, float]:
+    """(forward FLOPs of one transformer layer, forward FLOPs of the LM head) per token."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads)
+    inter = config.intermediate_size
+    linear = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * inter
+    attention = 4 * heads * head_dim * seq_len / 2
+    return 2 * linear + attention, 2 * h * config.vocab_size
+
+
+def dense_step_flops(config, seq_len: int, frozen_front_layers: int = 0, gradient_checkpointing: bool = False,
+                     head_trains: bool = False) -> float:
+    layer, head = per_token_costs(config, seq_len)
+    n = config.num_hidden_layers
+    trained = n - frozen_front_layers
+    total = layer * n + 2 * layer * trained + (layer * trained if gradient_checkpointing else 0)
+    return total + head * (3 + (1 if head_trains else 0))
+
+
+def rds_step_flops(config, seq_len: int, encoder: int, decoder: int, horizon: tuple[int, int],
+                   supervised: tuple[int, int], grad_steps: int = 1, gradient_checkpointing: bool = False,
+                   samples: int = 4000, head_trains: bool = False) -> float:
+    """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plan distribution."""
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for _ in range(samples):
+        plan = sample_plan(generator, *horizon, *supervised, grad_steps)
+        total += plan_flops(config, seq_len, encoder, decoder, plan, gradient_checkpointing, head_trains)
+    return total / samples
+
+
+def plan_flops(config, seq_len: int, encoder: int, decoder: int, plan, gradient_checkpointing: bool = False,
+               head_trains: bool = False) -> float:
+    """FLOPs per token of one RDS step with a given plan (encoder frozen)."""
+    layer, head = per_token_costs(config, seq_len)
+    reasoning = config.num_hidden_layers - encoder - decoder
+    with_grad = sum(plan.grad_mask())
+    fwd = layer * (encoder + reasoning * plan.horizon)
+    bwd = 2 * layer * reasoning * with_grad + (layer * reasoning * with_grad if gradient_checkpointing else 0)
+    dec = len(plan.supervised) * (layer * decoder * (3 + (1 if gradient_checkpointing else 0))
+                                  + head * (3 + (1 if head_trains else 0)))
+    return fwd + bwd + dec

@@ -1,0 +1,291 @@
+"""The random-deep-supervision (RDS) objective and the dense baseline step.
+
+Per batch (DESIGN.md section 1, item 3):
+
+1. sample a horizon T ~ U{horizon_min..horizon_max} and a set S of |S| supervised steps in 1..T
+   (|S| ~ U{supervised_min..supervised_max}, capped at T; T itself is always in S by default);
+2. run the encoder once and the reasoning block T times; loop steps outside every gradient window
+   run under `torch.no_grad()`;
+3. before each supervised step t the incoming state is detached and the k = `grad_steps` steps
+   t-k+1..t run with gradient (the window never reaches back past the previous supervised step);
+   the decoder loss at h_t is computed with a chunked cross entropy and `backward()` is called at
+   once, so the autograd graph of step t is freed before step t+1 runs. Peak memory is therefore
+   that of one k-step window plus the decoder, whatever T is;
+4. gradients accumulate over S (each term is divided by |S|); the caller takes one optimiser step.
+
+Losses at a supervised step t (prev = the previous supervised step):
+
+    L_LM(t)   = mean next-token cross entropy of the decoder at h_t
+    L_mono(t) = relu(L_LM(t) - L_LM(prev).detach())    (0 at the first supervised step)
+    L_Q       = mean over t in S (except the deepest) of BCE(q_t, y_t)
+    total     = sum_t (L_LM(t) + beta * L_mono(t)) / |S|  +  lambda * L_Q
+
+**The confidence target.** At inference a token leaves the loop when its confidence q_t passes a
+threshold, and from then on its prediction is the one made from h_t. Exiting is *useful* when it
+saves loops without changing the outcome, so the head is trained to answer exactly that question:
+
+    y_t = 1  iff  argmax logits_t == argmax logits_ref   and   nll_t <= nll_ref + margin
+
+where `ref` is the deepest supervised step of the batch (T by default): "stopping here emits the same
+token as running the whole horizon, and costs at most `margin` nats of the label's likelihood".
+It is computed from detached decoder outputs (no gradient flows into the target). Why not the
+common `1[argmax logits_t == label]`? That target teaches "this token is easy": a token the model
+gets wrong at every depth gets y = 0 at every depth and would loop to the budget for nothing, while
+a token that is right at t but would become *more* certain later is told to stop. The convergence
+target above makes exit free for hopeless tokens and for tokens whose prediction has settled,
+and keeps looping exactly where more loops still change the answer or the loss.
+
+The head reads the same gated state h_t that it reads at inference (`confidence_head.logits(h_t)`),
+detached: L_Q trains the head only and does not pull the representation toward being easy to
+score. Only detached (batch, seq, hidden) states of the |S| supervised steps are kept until the end
+of the horizon, so this too is independent of T.
+
+**Chunked cross entropy.** The vocabulary can be 262k entries: full fp32 logits for a 4 x 512 batch
+would take 2 GiB, plus as much again for their gradient. `chunked_cross_entropy` computes logits
+`ce_chunk` positions at a time inside `torch.utils.checkpoint`, so only one chunk's logits exist at
+once, in the forward and (recomputed) in the backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class RDSPlan:
+    """Horizon T and supervised steps S (1-based, sorted), with k gradient steps per supervised step."""
+
+    horizon: int
+    supervised: tuple[int, ...]
+    grad_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1 or not self.supervised:
+            raise ValueError(f"bad plan: horizon {self.horizon}, supervised {self.supervised}")
+        if list(self.supervised) != sorted(set(self.supervised)) or not 1 <= self.supervised[0] <= self.supervised[-1] <= self.horizon:
+            raise ValueError(f"supervised steps {self.supervised} must be distinct, sorted and in 1..{self.horizon}")
+
+    def window_starts(self) -> dict[int, int]:
+        """For each supervised step t, the first loop step of its gradient window."""
+        starts, previous = {}, 0
+        for t in self.supervised:
+            starts[t] = max(t - self.grad_steps + 1, previous + 1)
+            previous = t
+        return starts
+
+    def grad_mask(self) -> list[bool]:
+        """Per loop step 1..T: does it run with gradient?"""
+        mask = [False] * (self.horizon + 1)
+        for t, start in self.window_starts().items():
+            for s in range(start, t + 1):
+                mask[s] = True
+        return mask[1:]
+
+
+def sample_plan(
+    generator: torch.Generator,
+    horizon_min: int,
+    horizon_max: int,
+    supervised_min: int,
+    supervised_max: int,
+    grad_steps: int = 1,
+    supervise_last: bool = True,
+) -> RDSPlan:
+    """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume)."""
+    horizon = int(torch.randint(horizon_min, horizon_max + 1, (1,), generator=generator))
+    count = int(torch.randint(supervised_min, supervised_max + 1, (1,), generator=generator))
+    count = min(count, horizon)
+    if supervise_last:
+        rest = torch.randperm(horizon - 1, generator=generator)[: count - 1] + 1
+        steps = sorted({horizon, *(int(s) for s in rest)})
+    else:
+        steps = sorted(int(s) + 1 for s in torch.randperm(horizon, generator=generator)[:count])
+    return RDSPlan(horizon, tuple(steps), grad_steps)
+
+
+def logits_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden (after the final norm) -> logits, including Gemma's final logit soft-capping."""
+    if hasattr(model, "lm_logits"):
+        return model.lm_logits
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+    return fn
+
+
+@dataclass
+class ChunkedCE:
+    loss_sum: torch.Tensor   # sum of per-token NLL over the valid positions (differentiable)
+    count: int               # number of valid positions
+    nll: torch.Tensor        # (count,) per-token NLL, detached
+    pred: torch.Tensor       # (count,) argmax token per valid position
+    valid: torch.Tensor      # (batch, seq) bool mask of the positions scored
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk: int = 1024,
+) -> ChunkedCE:
+    """Next-token CE of `hidden` (batch, seq, hidden; already aligned with `labels`) without full logits.
+
+    Each chunk of `chunk` positions is projected to the vocabulary inside a non-reentrant
+    checkpoint: in the forward only its loss, NLLs and argmax survive; in the backward its logits
+    are recomputed one chunk at a time. Positions labelled -100 are skipped entirely.
+    """
+    valid = labels != IGNORE_INDEX
+    flat = hidden[valid]
+    targets = labels[valid]
+    needs_grad = torch.is_grad_enabled() and flat.requires_grad
+
+    def piece(h: torch.Tensor, y: torch.Tensor):
+        logits = logits_fn(h).float()
+        nll = F.cross_entropy(logits, y, reduction="none")
+        return nll.sum(), nll.detach(), logits.argmax(-1)
+
+    sums, nlls, preds = [], [], []
+    for start in range(0, flat.shape[0], chunk):
+        h, y = flat[start : start + chunk], targets[start : start + chunk]
+        if needs_grad:
+            out = checkpoint(piece, h, y, use_reentrant=False)
+        else:
+            out = piece(h, y)
+        sums.append(out[0])
+        nlls.append(out[1])
+        preds.append(out[2])
+    if not sums:
+        zero = hidden.sum() * 0.0
+        empty = torch.zeros(0, device=hidden.device)
+        return ChunkedCE(zero, 0, empty, empty.long(), valid)
+    return ChunkedCE(torch.stack(sums).sum(), int(flat.shape[0]), torch.cat(nlls), torch.cat(preds), valid)
+
+
+@torch.no_grad()
+def confidence_targets(
+    nll: torch.Tensor, pred: torch.Tensor, ref_nll: torch.Tensor, ref_pred: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """y = 1 where stopping now emits the same token as the reference depth and loses <= margin nats."""
+    return ((pred == ref_pred) & (nll <= ref_nll + margin)).float()
+
+
+def _any_grad(modules) -> bool:
+    return any(p.requires_grad for m in modules for p in m.parameters())
+
+
+def rds_step(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    plan: RDSPlan,
+    *,
+    beta_mono: float = 0.1,
+    lambda_conf: float = 0.1,
+    conf_margin: float = 0.05,
+    ce_chunk: int = 1024,
+    loss_scale: float = 1.0,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """One batch of random deep supervision on a `LoopUSForCausalLM`; calls backward per supervised step.
+
+    `labels` are aligned with `input_ids` (position i predicts labels[i]); -100 is ignored.
+    `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps).
+    Returns detached metrics: `lm@t` per supervised step, `mono`, `conf`, `conf_target`, `horizon`.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    logits_fn = logits_function(model)
+    config = model.config
+    supervised = set(plan.supervised)
+    starts = set(plan.window_starts().values())
+    grad_mask = plan.grad_mask()
+    front = [model.get_input_embeddings(), *[model.layers[i] for i in range(config.encoder_layers)]]
+    front_trainable = grad_mask[0] and _any_grad(front)
+    head_trainable = lambda_conf > 0 and _any_grad([model.confidence_head])
+
+    metrics: dict[str, float] = {"horizon": float(plan.horizon)}
+    records = []  # (detached state, nll, pred) per supervised step, for the confidence loss
+    previous_lm = None
+    mono_total = 0.0
+    with autocast():
+        with torch.set_grad_enabled(front_trainable):
+            embeds = model.get_input_embeddings()(input_ids)
+            ctx = model.layer_context(embeds, None, None, None)
+            state = model.encode(embeds, ctx)
+        for t in range(1, plan.horizon + 1):
+            if t in starts and not (t == 1 and front_trainable):
+                state = state.detach()
+            with torch.set_grad_enabled(grad_mask[t - 1]):
+                state, _ = model.loop_step(state, ctx, t - 1)
+            if t not in supervised:
+                continue
+            hidden = model.decode(state, ctx)
+            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
+            lm = ce.loss_sum / max(ce.count, 1)
+            mono = torch.relu(lm - previous_lm) if previous_lm is not None else lm.new_zeros(())
+            loss = (lm + beta_mono * mono) / len(supervised)
+            if loss.requires_grad:
+                backward(loss * loss_scale)
+            previous_lm = lm.detach()
+            mono_total += float(mono.detach())
+            metrics[f"lm@{t}"] = float(previous_lm)
+            if not torch.isfinite(previous_lm):
+                metrics["nonfinite"] = 1.0
+            records.append((state.detach(), ce.nll, ce.pred, ce.valid))
+            state = state.detach()
+        metrics["mono"] = mono_total / len(supervised)
+
+        if len(records) > 1:
+            _, ref_nll, ref_pred, _ = records[-1]
+            bce_terms, target_rate = [], []
+            for state_t, nll, pred, valid in records[:-1]:
+                target = confidence_targets(nll, pred, ref_nll, ref_pred, conf_margin)
+                with torch.set_grad_enabled(head_trainable):
+                    logit = model.confidence_head.logits(state_t)[valid]
+                bce_terms.append(F.binary_cross_entropy_with_logits(logit, target))
+                target_rate.append(float(target.mean()) if target.numel() else 0.0)
+            conf_loss = torch.stack(bce_terms).mean()
+            if head_trainable and conf_loss.requires_grad:
+                backward(lambda_conf * conf_loss * loss_scale)
+            metrics["conf"] = float(conf_loss.detach())
+            metrics["conf_target"] = sum(target_rate) / len(target_rate)
+            if not torch.isfinite(conf_loss.detach()):
+                metrics["nonfinite"] = 1.0
+    metrics["lm"] = sum(v for k, v in metrics.items() if k.startswith("lm@")) / len(supervised)
+    return metrics
+
+
+def dense_step(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ce_chunk: int = 1024,
+    loss_scale: float = 1.0,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Plain continued training of an (unlooped) causal LM on the same packed batch, chunked CE."""
+    backward = backward or (lambda loss: loss.backward())
+    with autocast():
+        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        ce = chunked_cross_entropy(hidden, labels, logits_function(model), ce_chunk)
+        lm = ce.loss_sum / max(ce.count, 1)
+        if lm.requires_grad:
+            backward(lm * loss_scale)
+    metrics = {"lm": float(lm.detach())}
+    if not torch.isfinite(lm.detach()):
+        metrics["nonfinite"] = 1.0
+    return metrics

@@ -1,0 +1,46 @@
+"""AdamW with decay only on matrices, and a warm-up + decay schedule counted in optimiser steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def is_new_module(name: str) -> bool:
+    """Parameters LoopUS adds to the base model (selective gate, confidence head)."""
+    parts = name.split(".")
+    return "confidence_head" in parts or "gate" in parts
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
+                    new_module_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW; `new_module_lr_mult` scales the lr of the freshly initialised gate and confidence head."""
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            buckets.setdefault((p.ndim >= 2, is_new_module(name)), []).append(p)
+    groups = []
+    for (decays, new), params in sorted(buckets.items()):
+        groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0,
+                       "lr": lr * (new_module_lr_mult if new else 1.0)})
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=False)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr before optimiser step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio: float):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio)
+    )

@@ -1,0 +1,186 @@
+"""The trainer: loss falls, exact resume, NaN guard, CLI + config file, dense mode, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loopus.checkpoint import check_model_dir
+from loopus.cli import main as cli_main
+from loopus.train import TrainConfig, Trainer, TrainingDiverged
+from loopus.train.checkpointing import list_checkpoints, load_checkpoint
+from loopus.train.data import build_data
+from test_train_helpers import char_tokenizer, tiny_base, tiny_loopus, write_corpus
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def packed(corpus):
+    return build_data(char_tokenizer(), ["tiny"], str(corpus), seq_len=16, train_rows=64, valid_rows=4)
+
+
+def config(out, corpus, **overrides):
+    values = dict(model="unused", out=str(out), data=str(corpus), corpus=["tiny"], seq_len=16, batch_size=2,
+                  grad_accum=2, max_steps=6, lr=1e-2, horizon_min=1, horizon_max=4, supervised_min=1,
+                  supervised_max=2, eval_loops=[1, 2, 4], eval_at_start=False, eval_at_end=False,
+                  progress=False, tensorboard=False, save_every=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_loss_falls_on_a_tiny_model(tmp_path, corpus):
+    cfg = config(tmp_path / "run", corpus, max_steps=40, lr=3e-3, grad_accum=1, batch_size=4, seq_len=32,
+                 eval_at_start=True, eval_at_end=True, save_every=0, val_tokens=256, tensorboard=True)
+    history = Trainer(cfg, model=tiny_loopus("gemma3_text"), tokenizer=char_tokenizer()).train()
+    for n in ("1", "2", "4"):
+        assert history["after"][n]["loss"] < history["before"][n]["loss"] - 0.1
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "lm" in r]
+    assert len(steps) == 40 and all(any(k.startswith("lm@") for k in r) for r in steps)
+    assert any(r.get("event") == "validation" and "ece" in r["valid"]["2"] for r in log)
+    assert list((tmp_path / "run" / "logs" / "tb").iterdir())  # TensorBoard events
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert type(model).__name__ == "LoopUSForCausalLM"
+
+
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed):
+    tok = char_tokenizer()
+    straight = Trainer(config(tmp_path / "a", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    straight.train()
+
+    killed = Trainer(config(tmp_path / "b", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+
+    def kill_mid_step(module, args):
+        if killed.step == 4 and killed.optimizer.state:  # inside optimiser step 5, after checkpoint 4
+            raise KeyboardInterrupt("simulated kill")
+
+    killed.core.layers[3].register_forward_pre_hook(kill_mid_step)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002", "step-00000004"]
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+    resumed = Trainer(config(tmp_path / "b", corpus, resume=True), model=tiny_loopus("llama"), tokenizer=tok,
+                      data=packed)
+    resumed.train()
+    assert resumed.step == straight.step == 6
+    a, b = straight.core.state_dict(), resumed.core.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and it really trained
+    assert not torch.equal(a["base.model.layers.2.mlp.up_proj.weight"],
+                           tiny_loopus("llama").state_dict()["base.model.layers.2.mlp.up_proj.weight"])
+
+
+def test_resume_refuses_changed_settings(tmp_path, corpus, packed):
+    tok = char_tokenizer()
+    Trainer(config(tmp_path / "r", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(config(tmp_path / "r", corpus, max_steps=4), model=tiny_loopus("llama"), tokenizer=tok,
+                data=packed).train()
+    changed = Trainer(config(tmp_path / "r", corpus, max_steps=4, seed=5, resume=True), model=tiny_loopus("llama"),
+                      tokenizer=tok, data=packed)
+    with pytest.raises(ValueError, match="seed"):
+        changed.train()
+
+
+def test_nan_stops_cleanly_and_the_last_checkpoint_loads(tmp_path, corpus, packed):
+    tok = char_tokenizer()
+    trainer = Trainer(config(tmp_path / "n", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    last_layer = trainer.core.layers[-1]
+    handle = last_layer.register_forward_hook(
+        lambda module, args, output: output * float("nan") if trainer.step == 3 else None
+    )
+    with pytest.raises(TrainingDiverged, match="non-finite .* optimiser step 4.*step-00000002"):
+        trainer.train()
+    handle.remove()
+    assert [p.name for p in list_checkpoints(tmp_path / "n")] == ["step-00000002"]
+    assert not (tmp_path / "n" / "model.safetensors").exists()
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "n")[-1])
+    assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
+    assert ckpt["state"]["step"] == 2
+    # the clean checkpoint resumes to the end
+    resumed = Trainer(config(tmp_path / "n", corpus, resume=True), model=tiny_loopus("llama"), tokenizer=tok,
+                      data=packed)
+    resumed.train()
+    check_model_dir(tmp_path / "n")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tinybase")
+    tiny_base("gemma3_text").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_with_config_file_and_dense_mode(tmp_path, corpus, tiny_dir, capsys):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(
+        "encoder-layers: 1\ndecoder_layers: 1\nseq_len: 16\nbatch_size: 2\nmax_steps: 3\nlr: 0.001\n"
+        "eval_loops: [1, 2]\nval_tokens: 64\nprogress: false\nlora_rank: 4\ngradient_checkpointing: true\n"
+    )
+    out = tmp_path / "loopus"
+    code = cli_main(["train", "--model", str(tiny_dir), "--data", str(corpus), "--corpus", "tiny", "--out", str(out),
+                     "--config", str(cfg_file), "--max-steps", "2"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and set(printed["valid_loss"]["after"]) == {"1", "2"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LoopUSForCausalLM" and model.config.encoder_layers == 1
+    assert not any("lora" in n for n, _ in model.named_parameters())  # adapters merged
+
+    dense = tmp_path / "dense"
+    code = cli_main(["train", "--model", str(tiny_dir), "--data", str(corpus), "--corpus", "tiny", "--out", str(dense),
+                     "--mode", "dense", "--max-steps", "2", "--seq-len", "16", "--progress", "false",
+                     "--val-tokens", "64"])
+    assert code == 0
+    assert type(AutoModelForCausalLM.from_pretrained(dense)).__name__ == "Gemma3ForCausalLM"
+
+
+def test_cli_errors_are_one_line(tmp_path, corpus, tiny_dir, capsys):
+    code = cli_main(["train", "--model", str(tiny_dir), "--data", str(corpus), "--out", str(tmp_path / "x"),
+                     "--max-steps", "1", "--corpus", "tiny"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--encoder-layers" in err and len(err.splitlines()) == 1
+    code = cli_main(["train", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), "--max-steps", "1",
+                     "--encoder-layers", "1", "--decoder-layers", "1", "--data", str(corpus), "--corpus", "missing"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("loopus train: error:") and "'missing' not found" in err
+
+
+def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_dir):
+    out = tmp_path / "ddp"
+    # accelerate launches CPU workers through torchrun with --multi_gpu plus ACCELERATE_USE_CPU (gloo backend)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="true")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "loopus.cli", "train", "--model", str(tiny_dir), "--data", str(corpus), "--corpus", "tiny",
+               "--out", str(out), "--encoder-layers", "1", "--decoder-layers", "1", "--seq-len", "16",
+               "--batch-size", "2", "--max-steps", "3", "--lr", "0.001", "--eval-loops", "1,2", "--val-tokens", "64",
+               "--save-every", "2", "--progress", "false", "--threads", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    assert log[0]["processes"] == 2
+    steps = [r for r in log if "lm" in r]
+    assert len(steps) == 3 and steps[-1]["tokens"] == 3 * 2 * 2 * 16
+    assert (out / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LoopUSForCausalLM"
