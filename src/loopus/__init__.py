@@ -21,3 +21,7 @@ __all__ = [
     "convert",
 ]
 __version__ = "0.1.0"
+
+from .eval import register_lm_eval as _register_lm_eval  # noqa: E402  (lazy: the adapter loads on first use)
+
+_register_lm_eval()

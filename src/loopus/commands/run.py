@@ -1,90 +1,292 @@
 """`loopus run`: the main job, end to end on one base model, into a report directory.
 
-Stages: convert -> per-loop perplexity. Stages that the toolkit does not have yet (split analysis,
-post-training, lm-eval) are listed as unavailable rather than faked.
+    analyze -> convert -> post-train (LoopUS, and a dense baseline on the same tokens)
+            -> evaluate base, dense and LoopUS (lm-eval, task subset) -> report (JSON, markdown, PNGs)
+
+Each stage is a small function below. A stage whose module is not installed is reported as
+unavailable (and the job goes on without it, saying so in the report) instead of being faked.
+Entry points used (all keyword arguments are shown in the code):
+
+    analyze   loopus.dynamics.analyze(base, tokenizer, data=, tokens=, out=) -> {"split": {...}}
+    convert   loopus.convert(base, encoder_layers, decoder_layers) -> LoopUSForCausalLM
+    train     loopus.train.TrainConfig(...); loopus.train.train(cfg)   (mode="loopus" and mode="dense";
+              the trained model is saved into cfg.out)
+    evaluate  loopus.eval.harness.evaluate_hf / evaluate_loopus (lm-eval simple_evaluate, offline tasks)
+
+Profiles: `quick` (CPU, <= 30 minutes on a 2-core machine) and `full` (the GPU recipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import time
 from pathlib import Path
+from typing import Any, Callable
 
-PROFILES = {
-    "quick": {"ppl_tokens": 2048, "loops": [1, 2, 4, 8]},
-    "full": {"ppl_tokens": None, "loops": [1, 2, 4, 8, 16]},
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "analyze_tokens": 1024,
+        "train": {"max_steps": 12, "seq_len": 128, "batch_size": 4, "eval_loops": [1, 4], "val_tokens": 1024},
+        "tasks": ["arc_easy", "lambada_openai"],
+        "limit": 15,
+        "loops": [1, 4],
+        "exit_strategy": "threshold",
+        "thresholds": [0.9],
+        "ppl_tokens": 1024,
+        "batch_size": 8,
+    },
+    "full": {
+        "analyze_tokens": 16384,
+        "train": {"max_tokens": 1_500_000_000, "seq_len": 2048, "batch_size": 16, "grad_accum": 4,
+                  "eval_loops": [1, 2, 4, 8], "eval_every": 1000, "save_every": 1000, "lr": 1e-4,
+                  "warmup_steps": 200},
+        "tasks": ["wikitext", "lambada_openai", "mmlu", "hellaswag", "arc_easy", "arc_challenge", "piqa",
+                  "winogrande", "openbookqa"],
+        "limit": None,
+        "loops": [1, 2, 4, 8, 16],
+        "exit_strategy": "threshold",
+        "thresholds": [0.5, 0.7, 0.8, 0.9, 0.95],
+        "ppl_tokens": None,
+        "batch_size": 32,
+    },
 }
-UNAVAILABLE = {
-    "analyze": "split selection from representation dynamics is not built yet; using --encoder-layers/--decoder-layers",
-    "train": "post-training with random deep supervision is not built yet",
-    "evaluate": "the lm-evaluation-harness stage is not built yet; per-loop perplexity is reported instead",
+
+# stage -> (module, attribute) whose import decides whether the stage is available
+STAGE_ENTRY_POINTS = {
+    "analyze": ("loopus.dynamics", "analyze"),
+    "train": ("loopus.train", "train"),
+    "evaluate": ("loopus.eval.harness", "evaluate_loopus"),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="the main job: convert, measure, report")
+    p = subparsers.add_parser("run", help="the main job: analyze, convert, post-train, evaluate, report")
     p.add_argument("--model", default="gemma-3-270m", help="base model: embedded name, directory or hub id")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--encoder-layers", type=int, default=2)
-    p.add_argument("--decoder-layers", type=int, default=1)
+    p.add_argument("--encoder-layers", type=int, default=None, help="override the analyzed split")
+    p.add_argument("--decoder-layers", type=int, default=None, help="override the analyzed split")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (default: the profile's)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (default: the profile's)")
+    p.add_argument("--loops", default=None, help="num_loops to evaluate, e.g. 1,2,4 (default: the profile's)")
+    p.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the profile's)")
+    p.add_argument("--skip", default="", help="stages to skip: analyze,train,dense,evaluate")
     p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
     p.add_argument("--out", default="runs/main", help="report directory")
     p.set_defaults(handler=run)
 
 
-def plot_perplexity(results: dict[int, dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
+def stage_available(stage: str) -> tuple[bool, str]:
+    """(available, reason) for a stage, by importing its entry point."""
+    module, attr = STAGE_ENTRY_POINTS[stage]
+    try:
+        getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        return False, f"{module}.{attr} is not available ({err.__class__.__name__}: {err})"
+    return True, f"{module}.{attr}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    loops = sorted(results)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(loops, [results[n]["ppl"] for n in loops], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("num_loops")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+class Progress:
+    """One line per stage with elapsed time; stages' own tqdm bars show progress inside a stage."""
+
+    def __init__(self, stages: list[str]):
+        self.stages, self.start, self.log = stages, time.time(), []
+
+    def begin(self, stage: str, what: str) -> float:
+        i = self.stages.index(stage) + 1
+        print(f"\n[{i}/{len(self.stages)} {stage}] {what}  (t+{time.time() - self.start:.0f}s)", flush=True)
+        return time.time()
+
+    def end(self, stage: str, status: str, since: float, detail: str = "") -> None:
+        seconds = round(time.time() - since, 1)
+        self.log.append({"stage": stage, "status": status, "seconds": seconds, "detail": detail})
+        print(f"[{stage}] {status} in {seconds}s{': ' + detail if detail else ''}", flush=True)
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+
+def stage_analyze(base, tokenizer, data: str, tokens: int, out: Path) -> tuple[int, int, dict]:
+    from loopus.dynamics import analyze
+
+    result = analyze(base, tokenizer, data=data, tokens=tokens, out=out)
+    split = result["split"]
+    return int(split["encoder_layers"]), int(split["decoder_layers"]), result
+
+
+def stage_convert(base, tokenizer, encoder_layers: int, decoder_layers: int, out: Path):
+    from loopus import convert
+
+    model = convert(base, encoder_layers, decoder_layers).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model
+
+
+def stage_train(model_dir: Path, out: Path, mode: str, data: str, settings: dict) -> dict:
+    from loopus.train import TrainConfig, train
+
+    cfg = TrainConfig(model=str(model_dir), out=str(out), mode=mode, data=data, **settings)
+    return train(cfg)
+
+
+def stage_evaluate(models: dict[str, tuple[str, Path]], tasks: list[str], limit, loops, exit_strategy,
+                   thresholds, batch_size: int) -> tuple[dict, dict]:
+    """models: {label: ("hf"|"loopus", dir)} -> ({label: {task: {metric: v}}}, {label: loopus sweep})."""
+    from loopus.eval.harness import evaluate_hf, evaluate_loopus
+
+    table, sweeps = {}, {}
+    for label, (kind, path) in models.items():
+        if kind == "hf":
+            table[label] = evaluate_hf(str(path), tasks, limit, batch_size)
+            continue
+        try:
+            sweep = evaluate_loopus(str(path), tasks, loops, limit, exit_strategy, thresholds, batch_size=batch_size)
+        except ValueError as err:
+            if "exit" not in str(err):
+                raise
+            print(f"[evaluate] adaptive exit unavailable for {label}: {err}; fixed depth only")
+            sweep = evaluate_loopus(str(path), tasks, loops, limit, batch_size=batch_size)
+        sweeps[label] = sweep
+        for n, metrics in sweep["loops"].items():
+            table[f"{label} (loops={n})"] = metrics
+    return table, sweeps
+
+
+def stage_perplexity(model, tokenizer, text: str, loops: list[int], tokens: int | None) -> dict:
+    from loopus.eval.perplexity import per_loop_perplexity
+
+    return per_loop_perplexity(model, tokenizer, text, loops, max_tokens=tokens)
+
+
+# -- the job ------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert
-    from ..eval.perplexity import per_loop_perplexity
-    from ..paths import data_file
-    from ..zoo import load_base
+    import torch
+
+    from ..eval import register_lm_eval
+    from ..eval.harness import write_eval_report
+    from ..eval.report import markdown_table, metric_rows, write_json
+    from ..paths import data_dir, data_file
+    from ..zoo import load_base, resolve
 
     profile = PROFILES[args.profile]
-    text = data_file("wikitext2/wiki.test.raw", args.data).read_text()
+    data = str(data_dir(args.data).resolve())
+    os.environ["LOOPUS_DATA"] = data
+    register_lm_eval()
+    tasks = args.tasks.split(",") if args.tasks else profile["tasks"]
+    limit = args.limit if args.limit is not None else profile["limit"]
+    loops = [int(x) for x in args.loops.split(",")] if args.loops else profile["loops"]
+    train_settings = dict(profile["train"])
+    if args.train_steps is not None:
+        train_settings.pop("max_tokens", None)
+        train_settings["max_steps"] = args.train_steps
+    skip = {s for s in args.skip.split(",") if s}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stage, reason in UNAVAILABLE.items():
-        print(f"[{stage}] unavailable: {reason}")
-    print(f"[convert] {args.model}: encoder {args.encoder_layers}, decoder {args.decoder_layers} layers")
+    if args.profile == "full" and not torch.cuda.is_available():
+        print("warning: the full profile is the GPU recipe; on this machine it will take days")
+
+    progress = Progress(["analyze", "convert", "train", "dense", "evaluate", "report"])
+    report: dict[str, Any] = {"model": args.model, "profile": args.profile, "tasks": tasks, "limit": limit,
+                              "loops": loops, "stages": progress.log, "unavailable": {}, "notes": []}
+    available = {stage: stage_available(stage) for stage in STAGE_ENTRY_POINTS}
+    for stage, (ok, why) in available.items():
+        if not ok:
+            report["unavailable"][stage] = why
+            print(f"[{stage}] unavailable: {why}")
+
     base, tokenizer = load_base(args.model)
-    model = convert(base, args.encoder_layers, args.decoder_layers).eval()
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    print(f"[perplexity] wikitext-2 test, first {profile['ppl_tokens'] or 'all'} tokens, loops {profile['loops']}")
-    results = per_loop_perplexity(model, tokenizer, text, profile["loops"], max_tokens=profile["ppl_tokens"])
-    report = {
-        "model": args.model,
-        "split": {"encoder_layers": args.encoder_layers, "decoder_layers": args.decoder_layers},
-        "profile": args.profile,
-        "unavailable_stages": UNAVAILABLE,
-        "wikitext2_per_loop_perplexity": {str(k): v for k, v in results.items()},
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    rows = "\n".join(f"| {n} | {r['ppl']:.2f} | {r['tokens']} |" for n, r in sorted(results.items()))
-    (out / "report.md").write_text(
-        f"# LoopUS run: {args.model}\n\nUntrained conversion, wikitext-2 test.\n\n"
-        f"| num_loops | perplexity | tokens |\n|---|---|---|\n{rows}\n"
-    )
-    plot_perplexity(results, out / "perplexity_per_loop.png", f"{args.model} (untrained LoopUS)")
-    print((out / "report.md").read_text())
+    base_dir = resolve(args.model)
+
+    # 1. analyze
+    t = progress.begin("analyze", "representation dynamics -> encoder / reasoning / decoder split")
+    split = (args.encoder_layers, args.decoder_layers)
+    if None not in split:
+        progress.end("analyze", "skipped", t, f"split given: encoder {split[0]}, decoder {split[1]}")
+    elif "analyze" in skip or not available["analyze"][0]:
+        split = (2, 1)
+        why = "skipped by --skip" if "analyze" in skip else available["analyze"][1]
+        report["notes"].append(f"split not analyzed ({why}); default encoder 2, decoder 1 used")
+        progress.end("analyze", "unavailable" if "analyze" not in skip else "skipped", t, why)
+    else:
+        e, d, result = stage_analyze(base, tokenizer, data, profile["analyze_tokens"], out / "analyze")
+        split = (args.encoder_layers or e, args.decoder_layers or d)
+        report["analysis"] = {"split": result["split"], "reasons": result.get("reasons")}
+        progress.end("analyze", "done", t, f"encoder {split[0]}, decoder {split[1]} layers")
+    report["split"] = {"encoder_layers": split[0], "decoder_layers": split[1]}
+
+    # 2. convert
+    t = progress.begin("convert", f"{args.model} -> LoopUS (encoder {split[0]}, decoder {split[1]})")
+    converted_dir = out / "converted"
+    model = stage_convert(base, tokenizer, split[0], split[1], converted_dir)
+    progress.end("convert", "done", t, str(converted_dir))
+
+    # 3. post-train LoopUS, 4. dense baseline on the same tokens
+    loopus_dir, dense_dir = converted_dir, None
+    for stage, mode, source in (("train", "loopus", converted_dir), ("dense", "dense", Path(base_dir))):
+        t = progress.begin(stage, f"{mode} post-training, {train_settings}")
+        if stage in skip:
+            progress.end(stage, "skipped", t, "--skip")
+            continue
+        if not available["train"][0]:
+            progress.end(stage, "unavailable", t, available["train"][1])
+            continue
+        metrics = stage_train(source, out / f"train-{mode}", mode, data, train_settings)
+        report.setdefault("training", {})[mode] = metrics
+        if mode == "loopus":
+            loopus_dir = out / f"train-{mode}"
+        else:
+            dense_dir = out / f"train-{mode}"
+        progress.end(stage, "done", t, str(out / f"train-{mode}"))
+    if loopus_dir == converted_dir:
+        report["notes"].append("LoopUS was not post-trained: the LoopUS rows are the untrained conversion")
+
+    # 5. evaluate
+    t = progress.begin("evaluate", f"lm-eval {tasks}, limit {limit}, base / dense / LoopUS loops {loops}")
+    if "evaluate" in skip:
+        progress.end("evaluate", "skipped", t, "--skip")
+        table, sweeps = {}, {}
+    else:
+        models = {"base": ("hf", Path(base_dir))}
+        if dense_dir is not None:
+            models["dense"] = ("hf", dense_dir)
+        models["loopus"] = ("loopus", loopus_dir)
+        del model, base
+        table, sweeps = stage_evaluate(models, tasks, limit, loops, profile["exit_strategy"], profile["thresholds"],
+                                       profile["batch_size"])
+        progress.end("evaluate", "done", t)
+    report["results"] = table
+
+    # 6. report
+    t = progress.begin("report", f"JSON, markdown and plots into {out}")
+    from ..modeling import LoopUSForCausalLM
+
+    trained = LoopUSForCausalLM.from_pretrained(loopus_dir).eval()
+    text = data_file("wikitext2/wiki.test.raw", data).read_text()
+    ppl = stage_perplexity(trained, tokenizer, text, loops, profile["ppl_tokens"])
+    report["wikitext2_per_loop_perplexity"] = {str(k): v for k, v in ppl.items()}
+    sweep = sweeps.get("loopus", {"loops": {}, "points": []})
+    write_eval_report(out / "eval", {"settings": {"model": args.model, "profile": args.profile, "limit": limit},
+                            **sweep, "notes": report["notes"]}, f"LoopUS run: {args.model}")
+    write_json(report, out / "run.json")
+    md = [f"# LoopUS run: {args.model} ({args.profile} profile)\n",
+          f"Split: encoder {split[0]}, decoder {split[1]} layers. Tasks: {', '.join(tasks)}; limit {limit}.\n",
+          "## Stages\n", markdown_table(progress.log)]
+    if report["unavailable"]:
+        md += ["\n## Unavailable stages\n"] + [f"- **{s}**: {why}" for s, why in report["unavailable"].items()]
+    if table:
+        md += ["\n## Base vs dense vs LoopUS (lm-eval)\n", markdown_table(metric_rows(table))]
+    md += ["\n## WikiText-2 perplexity per loop (loopus.eval.perplexity, disjoint 512-token windows)\n",
+           markdown_table([{"num_loops": k, **v} for k, v in ppl.items()])]
+    md += ["\n## Notes\n"] + [f"- {n}" for n in report["notes"]]
+    md += ["\nPlots: eval/metric_vs_loops.png, eval/compute_vs_quality.png (details: eval/report.md)" + (", analyze/dynamics.png" if "analysis" in report else "")]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    progress.end("report", "done", t)
+    write_json(report, out / "run.json")
+    print("\n" + (out / "report.md").read_text())
     print(f"report written to {out}")
     return 0

@@ -1,0 +1,73 @@
+"""`loopus eval`: the friendly wrapper around lm-eval for LoopUS checkpoints.
+
+    loopus eval runs/main/model --tasks arc_easy,piqa --limit 100 --loops 1,2,4,8 --out runs/eval
+    loopus eval runs/main/model --tasks arc_easy --exit-strategy threshold --thresholds 0.5,0.8,0.95
+    loopus eval gemma-3-270m --tasks wikitext            # a base model: lm-eval's hf model
+
+Writes report.json, report.md, metric_vs_loops.png and compute_vs_quality.png into --out.
+For every lm-eval flag, use `loopus lm-eval` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_TASKS = "wikitext,lambada_openai,arc_easy,arc_challenge,piqa,hellaswag"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a LoopUS (or base) model with lm-eval: tables and plots")
+    p.add_argument("model", help="LoopUS checkpoint directory, or a base model (embedded name / directory)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default: {DEFAULT_TASKS})")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--loops", type=_ints, default=[1, 2, 4, 8], help="num_loops values to sweep (default 1,2,4,8)")
+    p.add_argument("--exit-strategy", default=None, help="adaptive exit strategy (needs a model that supports it)")
+    p.add_argument("--thresholds", type=_floats, default=[], help="exit thresholds to sweep, e.g. 0.5,0.8,0.95")
+    p.add_argument("--min-loops", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
+    p.add_argument("--out", default="runs/eval", help="report directory")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval import register_lm_eval
+    from ..eval.harness import evaluate_hf, evaluate_loopus, is_loopus_checkpoint, write_eval_report
+    from ..paths import data_dir
+
+    os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())
+    register_lm_eval()
+    tasks = [t for t in args.tasks.split(",") if t]
+    settings = {"model": args.model, "tasks": ",".join(tasks), "limit": args.limit}
+    if is_loopus_checkpoint(args.model):
+        result = evaluate_loopus(
+            args.model, tasks, args.loops, args.limit, args.exit_strategy, args.thresholds,
+            min_loops=args.min_loops, batch_size=args.batch_size, device=args.device,
+        )
+        report = {"settings": {**settings, "loops": args.loops, "exit_strategy": args.exit_strategy}, **result}
+    else:
+        if args.exit_strategy or args.thresholds:
+            raise ValueError(f"{args.model} is not a LoopUS checkpoint: loops and exit settings don't apply")
+        metrics = evaluate_hf(args.model, tasks, args.limit, args.batch_size, args.device)
+        report = {"settings": {**settings, "lm_eval_model": "hf"}, "base": metrics, "loops": {}, "points": []}
+    files = write_eval_report(args.out, report, f"lm-eval: {Path(args.model).name}")
+    if report.get("base"):
+        from ..eval.report import markdown_table, metric_rows
+
+        with open(files["markdown"], "a") as f:
+            f.write("\n" + markdown_table(metric_rows({"hf": report["base"]})))
+    sys.stdout.write(Path(files["markdown"]).read_text())
+    print(f"report written to {args.out}")
+    return 0

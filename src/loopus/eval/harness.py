@@ -1,0 +1,141 @@
+"""Running lm-eval from Python: one model, a task list, a sweep over num_loops and exit thresholds.
+
+`loopus eval` and `loopus run` call these; they use lm-eval's `simple_evaluate` with the shipped
+offline tasks, and keep one loaded model across the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .report import (
+    flatten_results,
+    markdown_table,
+    metric_rows,
+    plot_compute_vs_quality,
+    plot_metric_vs_loops,
+    write_json,
+)
+
+
+def is_loopus_checkpoint(path: str | os.PathLike) -> bool:
+    import json
+
+    config = Path(path) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "loopus"
+
+
+def _task_manager(tasks: list[str]):
+    """The shipped offline tasks only (fast: no scan of lm-eval's thousands of YAMLs) when they cover `tasks`."""
+    from . import SHIPPED_TASKS, task_manager
+
+    shipped = all(t in SHIPPED_TASKS or t.startswith("mmlu_") for t in tasks)
+    return task_manager(include_defaults=not shipped)
+
+
+def _simple_evaluate(lm, tasks: list[str], limit: float | None, tm, **kwargs) -> dict[str, dict[str, float]]:
+    from lm_eval import simple_evaluate
+
+    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, **kwargs)
+    flat = flatten_results(results)
+    return {t: flat[t] for t in tasks if t in flat}
+
+
+def evaluate_hf(
+    model: str, tasks: list[str], limit: float | None = None, batch_size: int = 8, device: str | None = None, **kwargs
+) -> dict[str, dict[str, float]]:
+    """lm-eval's own `hf` model on a base checkpoint (an embedded name, a directory or a hub id)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from ..zoo import resolve
+    from . import task_manager
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = HFLM(pretrained=resolve(model), dtype="float32", batch_size=batch_size, device=device)
+    return _simple_evaluate(lm, tasks, limit, _task_manager(tasks), **kwargs)
+
+
+def evaluate_loopus(
+    model: str,
+    tasks: list[str],
+    loops: Iterable[int] = (1, 2, 4, 8),
+    limit: float | None = None,
+    exit_strategy: str | None = None,
+    thresholds: Iterable[float] = (),
+    exit_loops: int | None = None,
+    min_loops: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """A LoopUS checkpoint at each fixed `loops` count and, with `exit_strategy`, at each exit threshold.
+
+    Returns {"loops": {n: {task: {metric: v}}}, "points": [compute-vs-quality points]}.
+    Exit thresholds run at a budget of `exit_loops` (default: the largest of `loops`).
+    """
+    import torch
+
+    from .lm_eval_model import LoopUSLM
+
+    loops = sorted(set(int(n) for n in loops))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    thresholds = [float(t) for t in thresholds]
+    if thresholds and not exit_strategy:
+        raise ValueError("exit thresholds need an exit strategy (--exit-strategy)")
+    exit_args = {"exit_strategy": exit_strategy, "exit_threshold": thresholds[0] if thresholds else None}
+    if min_loops is not None:
+        exit_args["min_loops"] = min_loops
+    # Fail before any evaluation if the model can't do what was asked (the check lives in LoopUSLM).
+    lm = LoopUSLM(pretrained=str(model), num_loops=loops[0], batch_size=batch_size, device=device, **exit_args)
+    tm = _task_manager(tasks)
+    out: dict[str, Any] = {"loops": {}, "points": []}
+    lm.set_exit()
+    for n in loops:
+        lm.num_loops, lm.loop_passes = n, [0.0, 0]
+        metrics = _simple_evaluate(lm, tasks, limit, tm, **kwargs)
+        out["loops"][n] = metrics
+        out["points"].append({"label": f"fixed {n}", "mean_loop_passes": lm.mean_loop_passes or n, "metrics": metrics})
+    budget = exit_loops or loops[-1]
+    for t in thresholds:
+        lm.num_loops, lm.loop_passes = budget, [0.0, 0]
+        lm.set_exit(**{**exit_args, "exit_threshold": t})
+        metrics = _simple_evaluate(lm, tasks, limit, tm, **kwargs)
+        out["points"].append(
+            {"label": f"t={t:g}", "threshold": t, "mean_loop_passes": lm.mean_loop_passes, "metrics": metrics}
+        )
+    return out
+
+
+def write_eval_report(out_dir: str | Path, report: dict[str, Any], title: str = "") -> dict[str, Path]:
+    """report.json, report.md and the PNGs for an `evaluate_loopus` result (plus optional extras)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": write_json(report, out / "report.json")}
+    md = [f"# {title or 'LoopUS evaluation'}\n"]
+    if report.get("settings"):
+        md.append("Settings: " + ", ".join(f"`{k}={v}`" for k, v in report["settings"].items()) + "\n")
+    loops = report.get("loops") or {}
+    if loops:
+        md.append("## Metric against num_loops\n")
+        md.append(markdown_table(metric_rows({f"loops={n}": m for n, m in loops.items()})))
+        files["metric_vs_loops"] = plot_metric_vs_loops(
+            {int(n): m for n, m in loops.items()}, out / "metric_vs_loops.png", title
+        )
+    points = report.get("points") or []
+    if points:
+        md.append("\n## Compute against quality\n")
+        rows = []
+        for p in points:
+            for task, metrics in p["metrics"].items():
+                for metric, value in metrics.items():
+                    rows.append({"setting": p["label"], "mean loop passes/token": p["mean_loop_passes"], "task": task, "metric": metric, "value": value})
+        md.append(markdown_table(rows))
+        files["compute_vs_quality"] = plot_compute_vs_quality(points, out / "compute_vs_quality.png", title)
+    for note in report.get("notes", []):
+        md.append(f"\n- {note}")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    files["markdown"] = out / "report.md"
+    return files

@@ -1,0 +1,150 @@
+"""Evaluation reports: lm-eval results flattened to {task: {metric: value}}, JSON, markdown tables and
+the two plots (each metric against num_loops; mean loop passes per token against quality for exit
+thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+# Metrics where lower is better (for labels and for picking plot directions).
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def flatten_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """`simple_evaluate(...)` output -> {task: {metric: value}}: filter suffix and stderr dropped."""
+    flat: dict[str, dict[str, float]] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        row = {}
+        for key, value in metrics.items():
+            if key in ("alias", "sample_len", "samples") or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            if filt not in ("", "none"):
+                metric = f"{metric}[{filt}]"
+            row[metric] = float(value)
+        if row:
+            flat[task] = row
+    return flat
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+    """A GitHub markdown table of `rows` (dicts); columns default to the keys in first-seen order."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metric_rows(by_model: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[dict[str, Any]]:
+    """{model: {task: {metric: v}}} -> one row per (task, metric), one column per model."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for model, tasks in by_model.items():
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                row = rows.setdefault((task, metric), {"task": task, "metric": metric})
+                row[model] = value
+    return list(rows.values())
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+    """Test-time scaling: one panel per (task, metric), the metric against num_loops.
+
+    `curve` is {num_loops: {task: {metric: value}}}.
+    """
+    plt = _plt()
+    loops = sorted(int(n) for n in curve)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for n in loops:
+        for task, metrics in curve[n].items():
+            for metric, value in metrics.items():
+                series.setdefault(f"{task} {metric}", []).append((n, value))
+    names = sorted(series)
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        xs, ys = zip(*series[name])
+        ax.plot(xs, ys, marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("num_loops")
+        ax.set_title(name, fontsize=9)
+        if name.split()[-1] in LOWER_IS_BETTER:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Compute against quality for exit thresholds: x = mean loop passes per token, y = each metric.
+
+    `points`: dicts with `mean_loop_passes`, `label` (e.g. "t=0.9" or "fixed 4") and `metrics`
+    ({task: {metric: value}}).
+    """
+    plt = _plt()
+    points = list(points)
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for p in points:
+        for task, metrics in p["metrics"].items():
+            for metric, value in metrics.items():
+                series.setdefault(f"{task} {metric}", []).append((float(p["mean_loop_passes"]), value, str(p.get("label", ""))))
+    names = sorted(series)
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pts = sorted(series[name])
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o")
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("mean loop passes / token")
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+    return path

@@ -1,0 +1,268 @@
+"""Offline datasets for the shipped lm-eval tasks: read the loopus data directory, build the rows
+lm-eval's own task configs expect (same field names as the hub datasets), return a `DatasetDict`.
+
+Every loader is a `custom_dataset` for lm-eval (called with the task's metadata and dataset_kwargs).
+The data directory is `$LOOPUS_DATA` (or a `data_dir` given in `--metadata`), see `loopus.paths`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import re
+from pathlib import Path
+
+import datasets
+
+from loopus.paths import data_dir
+
+
+def _root(kwargs: dict) -> Path:
+    return data_dir(kwargs.get("data_dir"))
+
+
+def _file(kwargs: dict, relative: str, what: str) -> Path:
+    path = _root(kwargs) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {relative} not found in the data directory {path.parent.parent}")
+    return path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _dataset(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows)
+
+
+# -- wikitext (document level, as EleutherAI/wikitext_document_level builds it) -----------------------
+
+
+def wikitext_pages(text: str) -> list[str]:
+    """Split raw WikiText into articles at the top-level ` = Title = ` headings (lm-eval's document split)."""
+    pages, lines = [], []
+    for line in text.split("\n"):
+        rline = line.replace("= = =", "===").replace("= =", "==").strip()
+        if rline.startswith("= ") and rline.strip().endswith(" ="):
+            page = "\n".join(lines)
+            if page.strip():
+                pages.append(page)
+            lines = []
+        lines.append(line)
+    pages.append("\n".join(lines))
+    return pages
+
+
+def load_wikitext(**kwargs) -> datasets.DatasetDict:
+    text = _file(kwargs, "wikitext2/wiki.test.raw", "wikitext").read_text(encoding="utf-8")
+    return datasets.DatasetDict({"test": _dataset([{"page": p} for p in wikitext_pages(text)])})
+
+
+# -- lambada_openai ---------------------------------------------------------------------------------
+
+
+def load_lambada_openai(**kwargs) -> datasets.DatasetDict:
+    rows = _jsonl(_file(kwargs, "lambada_openai/lambada_test.jsonl", "lambada_openai"))
+    return datasets.DatasetDict({"test": _dataset([{"text": r["text"]} for r in rows])})
+
+
+# -- hellaswag (derived 6-lines-per-task text format, see the data directory's SOURCES.md) -----------
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's hellaswag `preprocess`."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def load_hellaswag(**kwargs) -> datasets.DatasetDict:
+    path = _file(kwargs, "hellaswag/hellaswag_val_full.txt.bz2", "hellaswag")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    if len(lines) % 6:
+        raise ValueError(f"{path}: expected 6 lines per task, got {len(lines)} lines")
+    rows = []
+    for i in range(0, len(lines), 6):
+        context, label, *endings = lines[i : i + 6]
+        rows.append(
+            {
+                # line 1 is `activity_label: ctx` (ctx_b not capitalised, unlike lm-eval's query)
+                "query": hellaswag_preprocess(context),
+                "choices": [hellaswag_preprocess(e) for e in endings],
+                "label": int(label),
+            }
+        )
+    return datasets.DatasetDict({"validation": _dataset(rows)})
+
+
+# -- ARC (original AI2 jsonl -> the allenai/ai2_arc row layout) --------------------------------------
+
+
+def _arc(kwargs: dict, name: str) -> datasets.DatasetDict:
+    rows = []
+    for r in _jsonl(_file(kwargs, f"arc/{name}-Test.jsonl", name)):
+        q = r["question"]
+        rows.append(
+            {
+                "id": r["id"],
+                "question": q["stem"],
+                "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+                "answerKey": r["answerKey"],
+            }
+        )
+    return datasets.DatasetDict({"test": _dataset(rows)})
+
+
+def load_arc_easy(**kwargs) -> datasets.DatasetDict:
+    return _arc(kwargs, "ARC-Easy")
+
+
+def load_arc_challenge(**kwargs) -> datasets.DatasetDict:
+    return _arc(kwargs, "ARC-Challenge")
+
+
+# -- PIQA (official valid.jsonl + valid-labels.lst) -----------------------------------------------------
+
+
+def load_piqa(**kwargs) -> datasets.DatasetDict:
+    rows = _jsonl(_file(kwargs, "piqa/valid.jsonl", "piqa"))
+    labels = _file(kwargs, "piqa/valid-labels.lst", "piqa").read_text().split()
+    if len(labels) != len(rows):
+        raise ValueError(f"piqa: {len(rows)} questions but {len(labels)} labels")
+    out = [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)} for r, y in zip(rows, labels)]
+    return datasets.DatasetDict({"validation": _dataset(out)})
+
+
+# -- MMLU (original CSV release; dev = the few-shot split) ---------------------------------------------
+
+
+def _mmlu_csv(path: Path, subject: str) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [
+            {"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())}
+            for q, a, b, c, d, ans in csv.reader(f)
+        ]
+
+
+def load_mmlu(subject: str, **kwargs) -> datasets.DatasetDict:
+    splits = {"test": "test", "dev": "dev", "validation": "val"}
+    out = {}
+    for split, folder in splits.items():
+        path = _root(kwargs) / "mmlu" / folder / f"{subject}_{folder}.csv"
+        if split == "test" and not path.exists():
+            raise FileNotFoundError(f"mmlu: mmlu/{folder}/{path.name} not found in the data directory {_root(kwargs)}")
+        if path.exists():
+            out[split] = _dataset(_mmlu_csv(path, subject))
+    return datasets.DatasetDict(out)
+
+
+# -- WinoGrande (official release: dev.jsonl + dev-labels.lst) -----------------------------------------
+
+
+def load_winogrande(**kwargs) -> datasets.DatasetDict:
+    """`winogrande/dev.jsonl` (+ `dev-labels.lst` if present, which then decides the answer)."""
+    rows = _jsonl(_file(kwargs, "winogrande/dev.jsonl", "winogrande"))
+    labels_path = _root(kwargs) / "winogrande" / "dev-labels.lst"
+    if labels_path.exists():
+        labels = labels_path.read_text().split()
+        if len(labels) != len(rows):
+            raise ValueError(f"winogrande: {len(rows)} sentences but {len(labels)} labels in dev-labels.lst")
+    else:
+        labels = [str(r.get("answer", "")) for r in rows]
+    out = []
+    for r, y in zip(rows, labels):
+        if y not in ("1", "2"):
+            raise ValueError(f"winogrande: answer must be '1' or '2', got {y!r} for {r.get('qID')}")
+        out.append({"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": y})
+    return datasets.DatasetDict({"validation": _dataset(out)})
+
+
+# -- OpenBookQA (official Main jsonl -> the allenai/openbookqa "main" row layout) ----------------------
+
+
+def load_openbookqa(**kwargs) -> datasets.DatasetDict:
+    out = {}
+    for split, name in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        path = _root(kwargs) / "openbookqa" / f"{name}.jsonl"
+        if not path.exists():
+            continue
+        rows = []
+        for r in _jsonl(path):
+            q = r["question"]
+            rows.append(
+                {
+                    "id": r["id"],
+                    "question_stem": q["stem"],
+                    "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+                    "answerKey": r["answerKey"],
+                }
+            )
+        out[split] = _dataset(rows)
+    if "test" not in out:
+        raise FileNotFoundError(f"openbookqa: openbookqa/test.jsonl not found in the data directory {_root(kwargs)}")
+    return datasets.DatasetDict(out)
+
+
+# -- lm-eval's own per-task helpers (same logic as lm_eval/tasks/*), so prompts and metrics match --------
+
+
+def wikitext_detokenizer(doc):
+    string = doc["page"]
+    string = string.replace("s '", "s'")
+    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
+    string = string.replace(" @-@ ", "-")
+    string = string.replace(" @,@ ", ",")
+    string = string.replace(" @.@ ", ".")
+    string = string.replace(" : ", ": ")
+    string = string.replace(" ; ", "; ")
+    string = string.replace(" . ", ". ")
+    string = string.replace(" ! ", "! ")
+    string = string.replace(" ? ", "? ")
+    string = string.replace(" , ", ", ")
+    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
+    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
+    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
+    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
+    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    string = string.replace("= = = =", "====")
+    string = string.replace("= = =", "===")
+    string = string.replace("= =", "==")
+    string = string.replace(" " + chr(176) + " ", chr(176))
+    string = string.replace(" \n", "\n")
+    string = string.replace("\n ", "\n")
+    string = string.replace(" N ", " 1 ")
+    string = string.replace(" 's", "'s")
+    return string
+
+
+def wikitext_process_results(doc, results):
+    (loglikelihood,) = results
+    _words = len(re.split(r"\s+", doc["page"]))
+    _bytes = len(doc["page"].encode("utf-8"))
+    return {
+        "word_perplexity": (loglikelihood, _words),
+        "byte_perplexity": (loglikelihood, _bytes),
+        "bits_per_byte": (loglikelihood, _bytes),
+    }
+
+
+def winogrande_doc_to_text(doc):
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def winogrande_doc_to_target(doc):
+    idx = doc["sentence"].index("_") + 1
+    return doc["sentence"][idx:].strip()
+
+
+def winogrande_doc_to_choice(doc):
+    idx = doc["sentence"].index("_")
+    return [doc["sentence"][:idx] + opt for opt in (doc["option1"], doc["option2"])]

@@ -1,0 +1,60 @@
+"""`loopus lm-eval` (lm-eval's own CLI, model registered, offline tasks) and `loopus eval` (the wrapper)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval_fixtures import make_tiny_checkpoints, write_openbookqa, write_winogrande
+
+from loopus.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_cli"))
+
+
+@pytest.fixture()
+def small_data(tmp_path):
+    write_winogrande(tmp_path)
+    write_openbookqa(tmp_path)
+    return tmp_path
+
+
+def test_lm_eval_cli_passes_every_flag_through(tiny, small_data, tmp_path):
+    _, loop_dir = tiny
+    out = tmp_path / "results"
+    code = main([
+        "lm-eval", "--data", str(small_data), "--model", "loopus",
+        "--model_args", f"pretrained={loop_dir},num_loops=2", "--tasks", "winogrande,openbookqa",
+        "--limit", "2", "--batch_size", "2", "--output_path", str(out), "--log_samples",
+    ])
+    assert code == 0
+    [result_file] = list(out.rglob("results_*.json"))
+    results = json.loads(result_file.read_text())
+    assert set(results["results"]) == {"winogrande", "openbookqa"}
+    assert "num_loops=2" in results["config"]["model_args"] or results["config"]["model_args"]["num_loops"] == 2
+    assert list(out.rglob("samples_winogrande_*.jsonl"))  # --log_samples went through
+
+
+def test_eval_wrapper_writes_report_and_plots(tiny, small_data, tmp_path):
+    _, loop_dir = tiny
+    out = tmp_path / "report"
+    code = main(["eval", str(loop_dir), "--data", str(small_data), "--tasks", "openbookqa", "--limit", "3",
+                 "--loops", "1,2", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["loops"]) == {"1", "2"}
+    assert (out / "metric_vs_loops.png").exists() and (out / "compute_vs_quality.png").exists()
+    assert [p["mean_loop_passes"] for p in report["points"]] == [1.0, 2.0]
+    assert "loops=2" in (out / "report.md").read_text()
+
+
+def test_eval_wrapper_refuses_unsupported_exit_clearly(tiny, small_data, tmp_path, capsys):
+    _, loop_dir = tiny
+    code = main(["eval", str(loop_dir), "--data", str(small_data), "--tasks", "openbookqa", "--limit", "1",
+                 "--loops", "2", "--exit-strategy", "no-such-strategy", "--thresholds", "0.5", "--out", str(tmp_path)])
+    assert code == 2
+    assert "exit" in capsys.readouterr().err
