@@ -1,10 +1,30 @@
-"""The confidence head: one probability per token per loop that further loops are not needed."""
+"""The confidence head and the per-token exit strategies used for adaptive depth.
+
+A token stops looping after pass n (1-based) when n >= min_loops and its strategy says so, or when
+n == max_loops (the budget, `num_loops`). Strategies, chosen per call (`exit_strategy=`):
+
+    threshold    q_n >= threshold, q_n the confidence head's probability on the gated state h_n
+    cdf          1 - prod_{s<=n} (1 - q_s) >= threshold: the cumulative halting probability
+    convergence  ||h_n - h_{n-1}|| / ||h_{n-1}|| < threshold: relative change of the state
+                 (h_0 is the encoder output); scale-free, so it works for any model's residual norms
+    kl           KL(p_n || p_{n-1}) < threshold, p_n the model's next-token distribution decoded from
+                 h_n (zero-shot, as in Huginn). It needs a decoder + head pass per loop, which costs
+                 more than a reasoning pass on small models, and it cannot stop before pass 2.
+
+`threshold` and `cdf` read the confidence head, which is only meaningful once trained (at
+initialisation it says 0.5 for every token). `convergence` and `kl` work on an untrained model.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
+
+STRATEGIES = ("threshold", "cdf", "convergence", "kl")
+DEFAULT_THRESHOLDS = {"threshold": 0.9, "cdf": 0.9, "convergence": 0.05, "kl": 0.01}
 
 
 class ConfidenceHead(nn.Module):
@@ -26,3 +46,103 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """A validated exit strategy for one call: strategy, threshold and the loop range [min_loops, max_loops]."""
+
+    strategy: str
+    threshold: float
+    min_loops: int
+    max_loops: int
+
+    @classmethod
+    def build(
+        cls, strategy: str | None, threshold: float | None, min_loops: int | None, max_loops: int
+    ) -> "ExitRule | None":
+        """None (fixed depth) when no strategy is given; otherwise check every knob and fill defaults."""
+        if strategy is None or strategy == "none":
+            if threshold is not None:
+                raise ValueError("exit_threshold was given without an exit_strategy")
+            if min_loops is not None and min_loops > max_loops:
+                raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops={max_loops}")
+            return None
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown exit_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        min_loops = 1 if min_loops is None else int(min_loops)
+        if min_loops < 1:
+            raise ValueError(f"min_loops must be >= 1, got {min_loops}")
+        if min_loops > max_loops:
+            raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops (max loops)={max_loops}")
+        threshold = DEFAULT_THRESHOLDS[strategy] if threshold is None else float(threshold)
+        if strategy in ("threshold", "cdf") and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"exit_threshold for {strategy!r} is a probability in (0, 1], got {threshold}")
+        if strategy in ("convergence", "kl") and threshold < 0.0:
+            raise ValueError(f"exit_threshold for {strategy!r} must be >= 0, got {threshold}")
+        return cls(strategy, threshold, min_loops, max_loops)
+
+    @property
+    def needs_distribution(self) -> bool:
+        return self.strategy == "kl"
+
+    @property
+    def needs_confidence(self) -> bool:
+        return self.strategy in ("threshold", "cdf")
+
+
+class ExitTracker:
+    """Per-token exit decisions for one forward; holds the running quantities some strategies need.
+
+    Buffers are full-batch (batch, seq); each loop passes the `rows` (batch indices) it computed.
+    All work stays on the device: the only host synchronisation is the caller's one per loop,
+    when it turns the returned mask into the next set of active rows.
+    """
+
+    def __init__(self, rule: ExitRule, batch: int, seq: int, device: torch.device):
+        self.rule = rule
+        self.batch = batch
+        self.survival = torch.ones(batch, seq, device=device) if rule.strategy == "cdf" else None
+        self.previous_logprobs: torch.Tensor | None = None  # (batch, seq, vocab) for kl
+
+    def wants_distribution(self, passes: int) -> bool:
+        """Whether the kl strategy needs p_n after pass `passes` (p_{min_loops-1} and on)."""
+        return self.rule.needs_distribution and passes >= max(self.rule.min_loops - 1, 1)
+
+    def done(
+        self,
+        rows: torch.LongTensor | None,
+        passes: int,
+        new_state: torch.Tensor,
+        old_state: torch.Tensor,
+        confidence: torch.Tensor | None = None,
+        logprobs: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Bool (rows, seq): tokens of `rows` that may stop after pass `passes`; None before min_loops."""
+        rule = self.rule
+        if rule.strategy == "cdf":
+            survival = self.survival if rows is None else self.survival.index_select(0, rows)
+            survival = survival * (1.0 - confidence)
+            self.survival = survival if rows is None else self.survival.index_copy(0, rows, survival)
+        previous = self.previous_logprobs
+        if rule.strategy == "kl" and logprobs is not None:
+            if rows is None:
+                self.previous_logprobs = logprobs
+            else:
+                base = previous if previous is not None else logprobs.new_zeros((self.batch, *logprobs.shape[1:]))
+                self.previous_logprobs = base.index_copy(0, rows, logprobs)
+        if passes < rule.min_loops:
+            return None
+        if rule.strategy == "threshold":
+            return confidence >= rule.threshold
+        if rule.strategy == "cdf":
+            return (1.0 - survival) >= rule.threshold
+        if rule.strategy == "convergence":
+            delta = (new_state - old_state).float().norm(dim=-1)
+            return delta <= rule.threshold * old_state.float().norm(dim=-1).clamp_min(1e-12)
+        # kl: KL(p_n || p_{n-1}) over the vocabulary
+        if previous is None:
+            return torch.zeros(new_state.shape[:2], dtype=torch.bool, device=new_state.device)
+        previous = previous if rows is None else previous.index_select(0, rows)
+        kl = (logprobs.exp() * (logprobs - previous)).sum(-1)
+        return kl <= rule.threshold

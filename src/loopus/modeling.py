@@ -9,6 +9,17 @@ class only decides the order in which its decoder layers run:
     logits = lm_head(norm(layers[d:L](h_T)))               decoder, once
 
 With `num_loops=1` this is exactly the base model's forward pass.
+
+Adaptive depth (`exit_strategy=` one of threshold / cdf / convergence / kl, see `halting.py`): after
+each pass from `min_loops` on, every token is tested; a batch row whose query tokens have all met
+the rule leaves the loop, and the following passes run the reasoning block on the remaining rows
+only (gathered with `index_select`, written back with `index_copy`), so exited rows do no further
+reasoning-layer work. The output's `loop_passes` counts the passes of every token.
+
+Prefill (a forward with more than one query token, e.g. the prompt in `generate`) runs the full
+budget for every token by default, so the prompt's KV is exact at every depth. With
+`prefill_exit=True` the rule applies to the prompt as well, per sequence: a row stops when all of its
+non-padding tokens have met it.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from .cache import LoopKVCache
 from .checkpoint import load_checked
 from .config import LoopUSConfig
 from .gate import SelectiveGate
-from .halting import ConfidenceHead
+from .halting import ConfidenceHead, ExitRule, ExitTracker
 
 MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -42,6 +53,21 @@ class LayerContext:
     position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]
     position_ids: torch.LongTensor
     cache: LoopKVCache | None
+    rows: torch.LongTensor | None = None  # batch rows this context covers; None = the whole batch
+
+    def select(self, rows: torch.LongTensor) -> "LayerContext":
+        """The same context restricted to batch `rows` (absolute indices), for the rows still looping."""
+
+        def pick(x):
+            if x is None or x.shape[0] == 1:
+                return x
+            if isinstance(x, torch.Tensor):
+                return x.index_select(0, rows)
+            raise NotImplementedError(f"adaptive exit cannot select batch rows of a {type(x).__name__} mask")
+
+        masks = {kind: pick(mask) for kind, mask in self.masks.items()}
+        rotary = {kind: (pick(cos), pick(sin)) for kind, (cos, sin) in self.position_embeddings.items()}
+        return LayerContext(masks, rotary, pick(self.position_ids), self.cache, rows)
 
 
 @dataclass
@@ -51,11 +77,15 @@ class LoopUSCausalLMOutput(CausalLMOutputWithPast):
     loop_hidden_states: the gated state h_t after each loop, num_loops tensors of (batch, seq, hidden).
     loop_confidences: the confidence head's probability per token and loop, (batch, seq, num_loops).
     gate_coefficients: the gate's mixing share `a` per loop from loop 2 on, (batch, seq, hidden) each.
+    loop_passes: reasoning passes each token ran, (batch, seq), always returned. With adaptive exit
+        the loop may stop before num_loops; the per-loop tuples above then have one entry per pass
+        run, and a row that had exited keeps its last state (gate coefficient 0) in later entries.
     """
 
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     loop_confidences: torch.Tensor | None = None
     gate_coefficients: tuple[torch.Tensor, ...] | None = None
+    loop_passes: torch.LongTensor | None = None
 
 
 class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
@@ -87,6 +117,10 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (SelectiveGate, ConfidenceHead)):
             module.reset_parameters()
+        elif module is getattr(self.__dict__.get("_modules", {}).get("confidence_head"), "proj", None):
+            # For non-library models transformers marks a module that has no parameters of its own (the
+            # ConfidenceHead) initialised without calling this, so its Linear is initialised here.
+            self.confidence_head.reset_parameters()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -174,6 +208,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if ctx.cache is not None:
             ctx.cache.depth = depth
+            ctx.cache.active_rows = ctx.rows
         proposal = self.run_layers(state, self.config.reasoning_range, ctx, **kwargs)
         if depth == 0:
             return proposal, None
@@ -184,6 +219,17 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         start = self.config.reasoning_range.stop
         hidden = self.run_layers(state, range(start, len(self.layers)), ctx, **kwargs)
         return self.base.model.norm(hidden)
+
+    def probe_logprobs(self, state: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
+        """Next-token log-probabilities decoded from an intermediate loop state; writes nothing to the cache."""
+        if ctx.cache is not None:
+            ctx.cache.probe = True
+        try:
+            hidden = self.decode(state, ctx, **kwargs)
+        finally:
+            if ctx.cache is not None:
+                ctx.cache.probe = False
+        return torch.log_softmax(self.lm_logits(hidden).float(), dim=-1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's head, including Gemma's final logit soft-capping where configured."""
@@ -207,11 +253,24 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_loops: int | None = None,
         output_loop_states: bool = False,
+        exit_strategy: str | None = None,
+        exit_threshold: float | None = None,
+        min_loops: int | None = None,
+        prefill_exit: bool = False,
+        kv_mode: str | None = None,
         **kwargs: Any,
     ) -> LoopUSCausalLMOutput:
+        """Encoder, then up to `num_loops` passes of the reasoning block, then decoder and head.
+
+        num_loops: the loop budget (max loops). exit_strategy / exit_threshold / min_loops: per-token
+        adaptive exit (`halting.py`); None runs exactly `num_loops` passes. prefill_exit: apply the
+        exit rule to multi-token forwards too (per sequence). kv_mode: "per_depth" or "shared" for the
+        cache this call builds (a cache passed in must match).
+        """
         num_loops = self.config.num_loops if num_loops is None else int(num_loops)
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        exit_rule = ExitRule.build(exit_strategy, exit_threshold, min_loops, num_loops)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -219,22 +278,72 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
-            past_key_values = self.new_cache(num_loops)
-        if past_key_values is not None and not isinstance(past_key_values, LoopKVCache):
-            raise TypeError(
-                f"LoopUS needs a LoopKVCache (model.new_cache()), got {type(past_key_values).__name__}"
-            )
+            past_key_values = self.new_cache(num_loops, kv_mode)
+        if past_key_values is not None:
+            if not isinstance(past_key_values, LoopKVCache):
+                raise TypeError(
+                    f"LoopUS needs a LoopKVCache (model.new_cache()), got {type(past_key_values).__name__}"
+                )
+            past_key_values.check_budget(num_loops, kv_mode)
 
         ctx = self.layer_context(inputs_embeds, attention_mask, position_ids, past_key_values)
+        if past_key_values is not None:
+            past_key_values.start_forward()
         state = self.encode(inputs_embeds, ctx, **kwargs)
+
+        # The loop. `active` lists the batch rows still looping (None: all of them); a row leaves when
+        # every one of its query tokens has met the exit rule, and later passes run without it.
+        batch, seq = state.shape[:2]
+        tracker = None
+        if exit_rule is not None and (seq == 1 or prefill_exit):
+            tracker = ExitTracker(exit_rule, batch, seq, state.device)
+        padding = None
+        if tracker is not None and attention_mask is not None and attention_mask.dim() == 2:
+            padding = attention_mask[:, -seq:] == 0  # padding tokens never hold a row back
+        active = None
+        passes = torch.zeros(batch, dtype=torch.long, device=state.device)
         loop_states, confidences, gate_coefficients = [], [], []
+        depths_run = 0
         for depth in range(num_loops):
-            state, coefficient = self.loop_step(state, ctx, depth, **kwargs)
+            step_ctx = ctx if active is None else ctx.select(active)
+            previous = state if active is None else state.index_select(0, active)
+            new, coefficient = self.loop_step(previous, step_ctx, depth, **kwargs)
+            if active is None:
+                state, passes = new, passes + 1
+            else:
+                state = state.index_copy(0, active, new)
+                passes = passes.index_add(0, active, torch.ones_like(active))
+            depths_run = depth + 1
             if output_loop_states:
                 loop_states.append(state)
                 confidences.append(self.confidence_head(state))
                 if coefficient is not None:
+                    if active is not None:
+                        coefficient = torch.zeros_like(state).index_copy(0, active, coefficient)
                     gate_coefficients.append(coefficient)
+            if tracker is None or depths_run == num_loops:
+                continue
+            done = tracker.done(
+                active,
+                depths_run,
+                new,
+                previous,
+                confidence=self.confidence_head(new) if exit_rule.needs_confidence else None,
+                logprobs=self.probe_logprobs(new, step_ctx, **kwargs) if tracker.wants_distribution(depths_run) else None,
+            )
+            if done is None:
+                continue
+            if padding is not None:
+                done = done | (padding if active is None else padding.index_select(0, active))
+            still = (~done.all(dim=-1)).nonzero().squeeze(-1)  # the one host sync of an exit check
+            if still.numel() == 0:
+                break
+            if still.numel() < done.shape[0]:
+                active = still if active is None else active.index_select(0, still)
+        loop_passes = passes.unsqueeze(-1).expand(batch, seq)
+        if past_key_values is not None:
+            past_key_values.finish_loops(depths_run, loop_passes)
+
         hidden = self.decode(state, ctx, **kwargs)
         logits = self.lm_logits(slice_logits_to_keep(hidden, logits_to_keep))
 
@@ -248,10 +357,11 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
             loop_confidences=torch.stack(confidences, dim=-1) if output_loop_states else None,
             gate_coefficients=tuple(gate_coefficients) if output_loop_states else None,
+            loop_passes=loop_passes,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """Generation gets a LoopKVCache sized for the requested loop budget instead of a DynamicCache."""
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.new_cache(model_kwargs.get("num_loops"))
+            model_kwargs["past_key_values"] = self.new_cache(model_kwargs.get("num_loops"), model_kwargs.get("kv_mode"))
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

@@ -1,0 +1,175 @@
+"""`loopus generate MODEL PROMPT`: stream a continuation from a LoopUS model, with per-token loop counts.
+
+MODEL is a LoopUS checkpoint directory (`loopus convert --out DIR`, or a trained one), or a base
+model (embedded name such as gemma-3-270m, checkpoint directory, hub id) together with
+--encoder-layers / --decoder-layers, converted on the fly (untrained gate and confidence head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..halting import STRATEGIES
+from .convert import parse_layers
+
+COLOURS = {1: 32, 2: 36, 3: 34, 4: 35}  # ANSI: green, cyan, blue, magenta; deeper loops are red
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text with looped decoding and adaptive exit")
+    p.add_argument("model", help="LoopUS checkpoint directory, or a base model with --encoder-layers/--decoder-layers")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="convert a base model: encoder layers")
+    p.add_argument("--decoder-layers", type=parse_layers, default=None, help="convert a base model: decoder layers")
+    p.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the model's num_loops)")
+    p.add_argument("--min-loops", type=int, default=None, help="fewest loops before a token may exit")
+    p.add_argument("--strategy", choices=["none", *STRATEGIES], default="none", help="per-token exit strategy")
+    p.add_argument("--threshold", type=float, default=None, help="exit threshold (default depends on the strategy)")
+    p.add_argument("--prefill-exit", action="store_true", help="apply the exit rule to the prompt too (per sequence)")
+    p.add_argument("--kv-mode", choices=["per_depth", "shared"], default=None, help="KV cache layout")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--show-loops",
+        choices=["off", "number", "color"],
+        default="off",
+        help="mark each generated token with its loop count: [n] after it, or an ANSI colour",
+    )
+    p.add_argument("--stats-json", default=None, help="also write the loop statistics to this JSON file")
+    p.set_defaults(handler=run)
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) from a LoopUS checkpoint, or a base model converted with the given split."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..convert import convert
+    from ..zoo import load_base, resolve
+
+    source = Path(args.model)
+    is_loopus = False
+    if source.is_dir() and (source / "config.json").exists():
+        is_loopus = json.loads((source / "config.json").read_text()).get("model_type") == "loopus"
+    if is_loopus:
+        if args.encoder_layers is not None or args.decoder_layers is not None:
+            raise ValueError(f"{args.model} is already a LoopUS checkpoint: drop --encoder-layers/--decoder-layers")
+        AutoConfig.from_pretrained(source)  # fail early and clearly on a broken config
+        model = AutoModelForCausalLM.from_pretrained(source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        return model, tokenizer
+    if args.encoder_layers is None or args.decoder_layers is None:
+        raise ValueError(
+            f"{args.model} is not a LoopUS checkpoint: pass --encoder-layers and --decoder-layers to convert it "
+            "on the fly, or give a directory written by `loopus convert`"
+        )
+    base, tokenizer = load_base(resolve(args.model))
+    return convert(base, args.encoder_layers, args.decoder_layers).eval(), tokenizer
+
+
+class LoopStreamer:
+    """A transformers streamer (put/end) that prints each new token as it comes, with its loop count.
+
+    `generate` calls `put` after every step with the token just chosen; the cache's last recorded
+    loop-pass count is that of the forward that chose it.
+    """
+
+    def __init__(self, tokenizer, cache, show: str, out=sys.stdout):
+        self.tokenizer, self.cache, self.show, self.out = tokenizer, cache, show, out
+        self.prompt_seen = False
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.passes: list[int] = []
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("streaming supports one prompt at a time")
+        token = int(value.reshape(-1)[0])
+        loops = int(self.cache.loop_passes[0, -1])
+        self.passes.append(loops)
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece, self.printed = text[len(self.printed) :], text
+        if self.show == "number":
+            piece = f"{piece}[{loops}]"
+        elif self.show == "color":
+            piece = f"\033[{COLOURS.get(loops, 31)}m{piece}\033[0m"
+        self.out.write(piece)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import set_seed
+
+    from ..cache import loop_stats
+    from ..halting import ExitRule
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_loops is not None and args.max_loops < 1:
+        raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}")
+    strategy = None if args.strategy == "none" else args.strategy
+    if strategy is None and args.threshold is not None:
+        raise ValueError("--threshold needs --strategy")
+    if args.max_loops is not None:  # check the knobs before the (slow) model load
+        ExitRule.build(strategy, args.threshold, args.min_loops, args.max_loops)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+
+    model, tokenizer = load_model(args)
+    num_loops = args.max_loops or model.config.num_loops
+    ExitRule.build(strategy, args.threshold, args.min_loops, num_loops)
+    if args.seed is not None:
+        set_seed(args.seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    cache = model.new_cache(num_loops, args.kv_mode)
+    streamer = LoopStreamer(tokenizer, cache, args.show_loops)
+    sampling = {}
+    if args.do_sample:
+        sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+                    if v is not None}
+    elif any(v is not None for v in (args.temperature, args.top_p, args.top_k)):
+        raise ValueError("--temperature/--top-p/--top-k only apply with --do-sample")
+    sys.stdout.write(prompt)
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            streamer=streamer,
+            num_loops=num_loops,
+            exit_strategy=strategy,
+            exit_threshold=args.threshold,
+            min_loops=args.min_loops,
+            prefill_exit=args.prefill_exit,
+            **sampling,
+        )
+    stats = loop_stats(torch.tensor(streamer.passes, dtype=torch.long))
+    hist = " ".join(f"{n}:{c}" for n, c in sorted(stats["histogram"].items()))
+    print(
+        f"[loops] {stats['tokens']} tokens, mean {stats['mean']:.2f} of budget {num_loops} "
+        f"(strategy {args.strategy}, kv {cache.kv_mode}); histogram {hist}",
+        file=sys.stderr,
+    )
+    if args.stats_json:
+        Path(args.stats_json).write_text(
+            json.dumps({"num_loops": num_loops, "strategy": args.strategy, "kv_mode": cache.kv_mode,
+                        "token_loops": streamer.passes, **stats}, indent=2)
+        )
+    return 0
