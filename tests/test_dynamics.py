@@ -184,7 +184,7 @@ def test_empty_calibration_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         calibration_text(tmp_path, "blank.txt")
     (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
-    with pytest.raises(ValueError, match="no string 'text' field"):
+    with pytest.raises(ValueError, match="has no 'text' field"):
         calibration_text(tmp_path, "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="calibration file missing.jsonl not found"):
         calibration_text(tmp_path, "missing.jsonl")

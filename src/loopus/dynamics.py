@@ -44,20 +44,9 @@ DEFAULT_SIGNALS = ("cka",)
 
 def _read_texts(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}: line {number} has no string 'text' field")
-                texts.append(text)
-        return texts
+        from .train.data import read_jsonl_texts
+
+        return list(read_jsonl_texts(path, "text"))
     return [path.read_text(encoding="utf-8")]
 
 

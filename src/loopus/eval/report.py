@@ -71,6 +71,26 @@ def _plt():
     return plt
 
 
+def _panels(plt, count: int):
+    """A grid of up to three panels per row, one per (task, metric) series."""
+    cols = min(3, max(1, count))
+    rows = max(1, math.ceil(count / cols))
+    return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+
+
+def _save_panels(plt, fig, axes, used: int, title: str, path: str | Path) -> Path:
+    """Blank the unused panels, title, save as PNG and free the figure."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
     """Test-time scaling: one panel per (task, metric), the metric against num_loops.
 
@@ -84,9 +104,7 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
             for metric, value in metrics.items():
                 series.setdefault(f"{task} {metric}", []).append((n, value))
     names = sorted(series)
-    cols = min(3, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _panels(plt, len(names))
     for ax, name in zip(axes.flat, names):
         xs, ys = zip(*series[name])
         ax.plot(xs, ys, marker="o")
@@ -97,15 +115,7 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
         if name.split()[-1] in LOWER_IS_BETTER:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, len(names), title, path)
 
 
 def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -122,9 +132,7 @@ def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Pat
             for metric, value in metrics.items():
                 series.setdefault(f"{task} {metric}", []).append((float(p["mean_loop_passes"]), value, str(p.get("label", ""))))
     names = sorted(series)
-    cols = min(3, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _panels(plt, len(names))
     for ax, name in zip(axes.flat, names):
         pts = sorted(series[name])
         ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o")
@@ -133,15 +141,7 @@ def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Pat
         ax.set_xlabel("mean loop passes / token")
         ax.set_title(name, fontsize=9)
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, len(names), title, path)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

@@ -53,7 +53,8 @@ def parse_corpus(spec: str) -> CorpusSpec:
     return CorpusSpec(source.strip(), weight)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -85,7 +86,7 @@ def _read_txt(path: Path) -> Iterator[str]:
 def _read_files(paths: list[Path], text_field: str) -> Iterator[str]:
     for path in paths:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, text_field)
+            yield from read_jsonl_texts(path, text_field)
         elif path.suffix == ".txt":
             yield from _read_txt(path)
         else:
