@@ -56,6 +56,17 @@ def tiny_base(family: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
 
 
+def tiny_looped(family: str = "llama", num_loops: int = 3, seed: int = 0):
+    """A tiny LoopUS model (split 2/…/1) whose gate is input dependent, as after training."""
+    import loopus
+
+    model = loopus.convert(tiny_base(family, seed), 2, 1, num_loops=num_loops).eval()
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(model.gate.up.weight, std=0.3)
+    model.generation_config.eos_token_id = None  # random weights: compare whole continuations
+    return model
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def family(request) -> str:
     return request.param

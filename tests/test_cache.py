@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import tiny_looped
 
 import loopus
 from loopus import LoopKVCache
 
 
-def tiny(family: str = "llama", num_loops: int = 4):
-    model = loopus.convert(tiny_base(family), 2, 1, num_loops=num_loops).eval()
-    torch.manual_seed(0)
-    torch.nn.init.normal_(model.gate.up.weight, std=0.3)
-    model.generation_config.eos_token_id = None  # random weights: compare whole continuations
-    return model
+tiny = partial(tiny_looped, num_loops=4)
 
 
 def force_confident(model, confident: bool = True) -> None:

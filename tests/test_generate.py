@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import tiny_looped
 
 import loopus
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3"]
 
 
-def tiny(family: str, num_loops: int = 3, seed: int = 0):
-    model = loopus.convert(tiny_base(family, seed), 2, 1, num_loops=num_loops).eval()
-    # a trained-looking gate (input dependent), so the test does not rest on the constant init
-    torch.manual_seed(seed)
-    torch.nn.init.normal_(model.gate.up.weight, std=0.3)
-    model.generation_config.eos_token_id = None  # random weights: compare whole continuations
-    return model
+tiny = partial(tiny_looped, num_loops=3)
 
 
 def gen(model, ids, mask=None, **kwargs):
