@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_looped
 
-import loopus
 from loopus import LoopKVCache
 
 
