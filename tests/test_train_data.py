@@ -77,6 +77,27 @@ def test_weighted_mixing_and_hash_validation_split(tmp_path):
     assert valid_numbers and train_numbers and not valid_numbers & train_numbers
 
 
+def test_hf_corpus_reads_a_local_dataset_through_datasets(tmp_path, monkeypatch):
+    """`hf:NAME` goes through `datasets.load_dataset`; a local dataset folder needs no hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "hf_local"
+    folder.mkdir()
+    for split, count in (("train", 12), ("validation", 3)):
+        rows = [json.dumps({"body": f"{split} document number {i} " * 4}) for i in range(count)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    tok = char_tokenizer()
+    data = build_data(tok, [f"hf:{folder}"], None, seq_len=16, train_rows=8, valid_rows=2, text_field="body")
+    assert data.train.shape == (8, 17) and data.valid.shape == (2, 17)
+
+    def text(rows) -> str:  # the character tokenizer decodes with a space between characters
+        return "".join(tok.decode(r, skip_special_tokens=True) for r in rows).replace(" ", "")
+
+    assert text(data.train[:1]).startswith("traindocum") and "validation" not in text(data.train)
+    assert text(data.valid[:1]).startswith("validationdocum") and "train" not in text(data.valid)
+    with pytest.raises(RuntimeError, match="could not open HF dataset"):
+        build_data(tok, [f"hf:{tmp_path / 'absent'}"], None, seq_len=16, train_rows=2, valid_rows=1)
+
+
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         build_data(char_tokenizer(), ["nope"], str(tmp_path), 16, 4, 1)

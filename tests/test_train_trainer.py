@@ -165,8 +165,8 @@ def test_cli_errors_are_one_line(tmp_path, corpus, tiny_dir, capsys):
     assert code == 2 and err.startswith("loopus train: error:") and "'missing' not found" in err
 
 
-def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_dir):
-    out = tmp_path / "ddp"
+def launch_two_processes(out, corpus, tiny_dir, *extra: str) -> None:
+    """`accelerate launch` of `loopus train` on 2 CPU processes (gloo), 3 steps, a checkpoint at step 2."""
     # accelerate launches CPU workers through torchrun with --multi_gpu plus ACCELERATE_USE_CPU (gloo backend)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="true")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -174,9 +174,19 @@ def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_d
                "-m", "loopus.cli", "train", "--model", str(tiny_dir), "--data", str(corpus), "--corpus", "tiny",
                "--out", str(out), "--encoder-layers", "1", "--decoder-layers", "1", "--seq-len", "16",
                "--batch-size", "2", "--max-steps", "3", "--lr", "0.001", "--eval-loops", "1,2", "--val-tokens", "64",
-               "--save-every", "2", "--progress", "false", "--threads", "1"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+               "--save-every", "2", "--progress", "false", "--threads", "1", "--horizon-min", "2",
+               "--freeze", "embeddings", *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(out).state_dict())
+
+
+def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_dir):
+    out = tmp_path / "ddp"
+    launch_two_processes(out, corpus, tiny_dir)
     log = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert log[0]["processes"] == 2
     steps = [r for r in log if "lm" in r]
@@ -184,3 +194,26 @@ def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_d
     assert (out / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LoopUSForCausalLM"
+
+
+def test_fsdp_matches_replicated_training_and_resumes_exactly(tmp_path, corpus, tiny_dir):
+    """FSDP2 (sharded) and replicated training take the same steps; an FSDP resume is bit-identical."""
+    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
+    launch_two_processes(replicated, corpus, tiny_dir)
+    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true")
+    log = [json.loads(line) for line in (sharded / "logs" / "train.jsonl").read_text().splitlines()]
+    assert log[0]["processes"] == 2 and len([r for r in log if "lm" in r]) == 3
+    reference, result = final_weights(replicated), final_weights(sharded)
+    assert reference.keys() == result.keys()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    assert any(not torch.equal(result["base." + k], v) for k, v in base.items()), "training changed no weight"
+    for name in reference:  # the same update; only the order of the cross-process sums differs
+        torch.testing.assert_close(result[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # Resume from the step-2 checkpoint the sharded run wrote: step 3 again, bit for bit.
+    for f in sharded.glob("*.safetensors"):
+        f.unlink()
+    assert load_checkpoint(sharded / "checkpoints" / "step-00000002")["state"]["sharded"]
+    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--resume")
+    resumed = final_weights(sharded)
+    assert all(torch.equal(resumed[k], result[k]) for k in result)

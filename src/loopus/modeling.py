@@ -139,6 +139,10 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.base.get_output_embeddings()
 
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings (with the base model's own scaling, e.g. Gemma's sqrt(hidden))."""
+        return self.get_input_embeddings()(input_ids)
+
     def new_cache(self, max_depth: int | None = None, kv_mode: str | None = None) -> LoopKVCache:
         """An empty loop-aware KV cache for up to `max_depth` loops."""
         return LoopKVCache(
@@ -274,7 +278,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.embed(input_ids)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:

@@ -44,6 +44,8 @@ FLAGS: dict[str, tuple[object, str]] = {
     "lora_dropout": (float, "LoRA dropout"),
     "gradient_checkpointing": (_bool, "recompute decoder layers in the backward (true/false)"),
     "precision": (str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
+    "fsdp": (_bool, "shard weights, gradients and optimiser state across processes with FSDP2 (true/false); "
+                    "on by itself under `accelerate launch --use_fsdp`"),
     "corpus": (_strings, "comma list of corpora: NAME, FILE or hf:NAME[:CONFIG], each optionally =WEIGHT"),
     "text_field": (str, "JSONL field holding the text"),
     "seq_len": (int, "tokens per packed sequence"),

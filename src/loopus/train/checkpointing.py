@@ -72,18 +72,21 @@ def finalize_checkpoint(
     out: str | os.PathLike,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler,
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write the main process's files into the staging dir and move it into place atomically."""
+    """Write the main process's files into the staging dir and move it into place atomically.
+
+    `optimizer_state` is `optimizer.state_dict()`, or under FSDP the gathered full state keyed by name.
+    """
     bad = [name for name, t in trainable.items() if not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]})")
     tmp = staging_dir(out, step)
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():

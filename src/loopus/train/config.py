@@ -28,6 +28,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    fsdp: bool = False                   # shard with FSDP2 (also on when accelerate's config says FSDP)
 
     # data
     data: str | None = None              # data dir (default $LOOPUS_DATA), or a .txt/.jsonl file

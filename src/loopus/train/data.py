@@ -6,7 +6,8 @@ Sources (a corpus spec, optionally followed by `=WEIGHT`):
                      `.jsonl`/`.txt` files in `NAME/`, or `NAME.jsonl`/`NAME.txt`
 - `PATH`             a `.jsonl` file (one JSON object per line, text in `text_field`), a `.txt` file
                      (documents separated by blank lines) or a directory of them
-- `hf:NAME[:CONFIG]` a Hugging Face dataset (needs a reachable hub or a local HF cache)
+- `hf:NAME[:CONFIG]` anything `datasets.load_dataset` opens: a hub id (needs a reachable hub or a local
+                     HF cache) or a local dataset folder (`train.jsonl`, `validation.jsonl`, parquet ...)
 
 Packing: every document becomes `[bos] tokens [eos]` and documents are concatenated and cut into
 rows of `seq_len + 1` tokens with stride `seq_len` (inputs = row[:-1], labels = row[1:]). The EOS
@@ -121,8 +122,7 @@ def _hf_documents(spec: tuple[str, str | None], split: str, text_field: str) -> 
     name, config = spec
     split_name = "train" if split == "train" else "validation"
     try:
-        builder = datasets.load_dataset_builder(name, config)
-        if split_name not in (builder.info.splits or {}):
+        if split_name not in datasets.get_dataset_split_names(name, config):
             return None
         dataset = datasets.load_dataset(name, config, split=split_name, streaming=True)
     except Exception as err:  # hub unreachable, unknown dataset, ...

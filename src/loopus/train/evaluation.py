@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .objective import chunked_cross_entropy, confidence_targets, logits_function
+from .objective import chunked_cross_entropy, confidence_targets, final_hidden, logits_function
 
 BINS = 10
 
@@ -31,13 +31,13 @@ def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device), labels.to(device)
         if not looped:
-            hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = final_hidden(model, input_ids)
             ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
             stats[0, 0] += ce.nll.double().sum()
             stats[0, 1] += ce.count
             stats[0, 2] += (ce.pred == labels[ce.valid]).sum()
             continue
-        embeds = model.get_input_embeddings()(input_ids)
+        embeds = model.embed(input_ids)
         ctx = model.layer_context(embeds, None, None, None)
         state = model.encode(embeds, ctx)
         per_loop = []

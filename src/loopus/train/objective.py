@@ -125,6 +125,18 @@ def logits_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
     return fn
 
 
+def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The final-normed hidden states of a plain causal LM, through its own `forward`.
+
+    The head is applied to no position here (`logits_to_keep` is empty): the caller computes the
+    logits chunk by chunk. Going through the root `forward` (not `model.model`) is what lets FSDP
+    gather the root's parameters, embeddings and final norm included.
+    """
+    no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
+    return out.hidden_states[-1]
+
+
 @dataclass
 class ChunkedCE:
     loss_sum: torch.Tensor   # sum of per-token NLL over the valid positions (differentiable)
@@ -221,7 +233,7 @@ def rds_step(
     mono_total = 0.0
     with autocast():
         with torch.set_grad_enabled(front_trainable):
-            embeds = model.get_input_embeddings()(input_ids)
+            embeds = model.embed(input_ids)
             ctx = model.layer_context(embeds, None, None, None)
             state = model.encode(embeds, ctx)
         for t in range(1, plan.horizon + 1):
@@ -280,7 +292,7 @@ def dense_step(
     """Plain continued training of an (unlooped) causal LM on the same packed batch, chunked CE."""
     backward = backward or (lambda loss: loss.backward())
     with autocast():
-        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = final_hidden(model, input_ids)
         ce = chunked_cross_entropy(hidden, labels, logits_function(model), ce_chunk)
         lm = ce.loss_sum / max(ce.count, 1)
         if lm.requires_grad:

@@ -1,10 +1,16 @@
 """The training loop on Hugging Face Accelerate: one process or several (`accelerate launch`), same code.
 
 RDS calls `backward()` several times per batch (once per supervised step), which DDP's
-forward/backward pairing does not allow, so the model is *not* wrapped in DDP: Accelerate sets up
-the process group, device and autocast, and after the micro-batches of an optimiser step the
-gradients are averaged across processes with one all-reduce per parameter. Every process then
-takes the same AdamW step, so weights stay identical (they are broadcast from rank 0 at start).
+forward/backward pairing does not allow, so the model is *not* wrapped in DDP. Two ways to run on P
+processes, both from this loop:
+
+- replicated (default): Accelerate sets up the process group, device and autocast; after the
+  micro-batches of an optimiser step the gradients are averaged with one all-reduce per parameter,
+  and every process takes the same AdamW step (weights are broadcast from rank 0 at start);
+- sharded (`--fsdp`, or `accelerate launch --use_fsdp`): FSDP2 units per decoder layer, gate,
+  confidence head and root (`sharding.py`); each backward reduce-scatters, each process updates its
+  shard. Checkpoints and the final model are gathered, so both ways write the same files.
+
 Each process reads its own slice of every global batch, so P processes see P times the tokens per
 step and the data order does not depend on P's choice of sharding.
 """
@@ -21,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
@@ -41,6 +47,7 @@ from .evaluation import evaluate
 from .objective import dense_step, rds_step, sample_plan
 from .optim import build_optimizer, build_scheduler
 from .params import apply_freeze, apply_lora, count_parameters, enable_gradient_checkpointing, trainable_state
+from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trainable, load_sharded, shard_model
 
 # a resumed run must agree with its checkpoint on everything that decides the data and the plan
 RESUME_KEYS = ("mode", "corpus", "seq_len", "batch_size", "grad_accum", "seed", "horizon_min", "horizon_max",
@@ -116,6 +123,12 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
+        if self.sharded and cfg.lora_rank > 0:
+            raise ValueError("LoRA adapters cannot be trained with FSDP: drop --fsdp (replicated training "
+                             "supports LoRA) or train full weights with --lora-rank 0")
+        if self.sharded and not torch.distributed.is_initialized():
+            raise ValueError("--fsdp needs a process group: start the run with `accelerate launch` (or torchrun)")
         self.out = Path(cfg.out)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -133,10 +146,12 @@ class Trainer:
             self.module = apply_lora(model, cfg.frozen, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, *split)
             self.core = self.module.base_model.model
         self.module.to(acc.device)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
         if self.world > 1:
             for p in self.module.parameters():
                 torch.distributed.broadcast(p.data, src=0)
+        if self.sharded:
+            shard_model(self.core, bf16=precision == "bf16")
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
 
         self.total_steps = cfg.total_steps(self.world)
         if data is None:
@@ -207,13 +222,17 @@ class Trainer:
             prepare_staging(self.out, self.step)
         acc.wait_for_everyone()
         write_rank_rng(staging_dir(self.out, self.step), self.rank)
+        if self.sharded:
+            trainable, optimizer_state = gather_trainable(self.module), gather_optimizer(self.module, self.optimizer)
+        else:
+            trainable, optimizer_state = trainable_state(self.module), self.optimizer.state_dict()
         acc.wait_for_everyone()
         path = None
         if self.is_main:
             state = {"step": self.step, "micro_batches": self.step * self.cfg.grad_accum, "tokens": self.tokens,
-                     "world": self.world, "config": self.cfg.to_dict()}
-            path = finalize_checkpoint(self.out, self.step, trainable_state(self.module), self.optimizer,
-                                       self.scheduler, state, self.cfg.keep_checkpoints)
+                     "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict()}
+            path = finalize_checkpoint(self.out, self.step, trainable, optimizer_state, self.scheduler, state,
+                                       self.cfg.keep_checkpoints)
             self.log({"step": self.step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
         return path
@@ -225,17 +244,22 @@ class Trainer:
         diff = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS if saved.get(k) != current.get(k)}
         if ckpt["state"].get("world", self.world) != self.world:
             diff["processes"] = (ckpt["state"]["world"], self.world)
+        if ckpt["state"].get("sharded", False) != self.sharded:
+            diff["fsdp"] = (ckpt["state"].get("sharded", False), self.sharded)
         if diff:
             raise ValueError(f"cannot resume from {path} exactly: settings differ (checkpoint, now): {diff}")
         wanted = trainable_state(self.module)
         missing = sorted(set(wanted) - set(ckpt["trainable"]))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks trained weights {missing[:3]} ({len(missing)} in all)")
-        with torch.no_grad():
-            for name, p in self.module.named_parameters():
-                if name in wanted:
-                    p.copy_(ckpt["trainable"][name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_sharded(self.module, self.optimizer, {k: ckpt["trainable"][k] for k in wanted}, ckpt["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if name in wanted:
+                        p.copy_(ckpt["trainable"][name].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["rng"] is not None:
             set_rng_state(ckpt["rng"])
@@ -264,13 +288,15 @@ class Trainer:
                 metrics = dense_step(self.core, inputs, labels, **common)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:  # FSDP has reduce-scattered in each backward already
+            # Every process draws the same plan, so the same parameters hold gradients everywhere. Those
+            # without one stay None, as in one process: AdamW then skips them (a zero gradient would
+            # still advance their step count and bias correction).
             for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        grad_norm = clip_gradients(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         losses = [v for k, v in totals.items() if k.startswith(("lm", "conf", "mono"))]
         bad = torch.tensor(float(not all(math.isfinite(v) for v in losses) or "nonfinite" in totals
                                  or not torch.isfinite(grad_norm)), device=acc.device)
@@ -352,16 +378,18 @@ class Trainer:
         """save_pretrained into DIR (through a temporary dir and os.replace per file)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        weights = gather_full(self.core) if self.sharded else None  # a collective: before the rank check
         if self.is_main:
             model = self.final_model()
-            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            values = weights.items() if weights is not None else model.named_parameters()
+            bad = [n for n, p in values if not torch.isfinite(p).all()]
             if bad:
                 raise CheckpointError(f"refusing to save non-finite weights ({bad[:3]})")
             if self.cfg.gradient_checkpointing:
                 model.gradient_checkpointing_disable()
             tmp = self.out / ".final-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             for f in tmp.iterdir():
