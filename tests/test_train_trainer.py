@@ -196,24 +196,39 @@ def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_d
     assert type(model).__name__ == "LoopUSForCausalLM"
 
 
-def test_fsdp_matches_replicated_training_and_resumes_exactly(tmp_path, corpus, tiny_dir):
-    """FSDP2 (sharded) and replicated training take the same steps; an FSDP resume is bit-identical."""
-    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
-    launch_two_processes(replicated, corpus, tiny_dir)
-    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true")
+def assert_same_training(replicated, sharded, tiny_dir, prefix: str) -> dict[str, torch.Tensor]:
+    """Both runs trained 3 steps on 2 processes and ended with the same weights; returns the sharded ones."""
     log = [json.loads(line) for line in (sharded / "logs" / "train.jsonl").read_text().splitlines()]
     assert log[0]["processes"] == 2 and len([r for r in log if "lm" in r]) == 3
     reference, result = final_weights(replicated), final_weights(sharded)
     assert reference.keys() == result.keys()
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    assert any(not torch.equal(result["base." + k], v) for k, v in base.items()), "training changed no weight"
+    assert any(not torch.equal(result[prefix + k], v) for k, v in base.items()), "training changed no weight"
     for name in reference:  # the same update; only the order of the cross-process sums differs
         torch.testing.assert_close(result[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    return result
+
+
+def test_fsdp_matches_replicated_training_and_resumes_exactly(tmp_path, corpus, tiny_dir):
+    """FSDP2 (sharded, with gradient checkpointing) and replicated training take the same steps; an FSDP
+    resume is bit-identical."""
+    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
+    launch_two_processes(replicated, corpus, tiny_dir)
+    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--gradient-checkpointing", "true")
+    result = assert_same_training(replicated, sharded, tiny_dir, prefix="base.")
 
     # Resume from the step-2 checkpoint the sharded run wrote: step 3 again, bit for bit.
     for f in sharded.glob("*.safetensors"):
         f.unlink()
     assert load_checkpoint(sharded / "checkpoints" / "step-00000002")["state"]["sharded"]
-    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--resume")
+    launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--gradient-checkpointing", "true", "--resume")
     resumed = final_weights(sharded)
     assert all(torch.equal(resumed[k], result[k]) for k in result)
+
+
+def test_fsdp_dense_baseline_matches_replicated(tmp_path, corpus, tiny_dir):
+    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
+    launch_two_processes(replicated, corpus, tiny_dir, "--mode", "dense")
+    launch_two_processes(sharded, corpus, tiny_dir, "--mode", "dense", "--fsdp", "true")
+    assert_same_training(replicated, sharded, tiny_dir, prefix="")
+    assert type(AutoModelForCausalLM.from_pretrained(sharded)).__name__ == "Gemma3ForCausalLM"
