@@ -87,6 +87,25 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed):
                            tiny_loopus("llama").state_dict()["base.model.layers.2.mlp.up_proj.weight"])
 
 
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path, corpus, packed):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the process-wide state of the other tests is fp32
+    try:
+        trainer = Trainer(config(tmp_path / "bf16", corpus, precision="bf16", max_steps=2, save_every=0),
+                          model=tiny_loopus("llama"), tokenizer=char_tokenizer(), data=packed)
+        seen = []
+        trainer.core.layers[2].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        before = trainer.core.layers[2].mlp.down_proj.weight.detach().clone()
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert seen and set(seen) == {torch.bfloat16}
+    weight = trainer.core.layers[2].mlp.down_proj.weight
+    assert all(p.dtype == torch.float32 for p in trainer.core.parameters())
+    assert not torch.equal(weight, before) and torch.isfinite(weight).all()
+
+
 def test_resume_refuses_changed_settings(tmp_path, corpus, packed):
     tok = char_tokenizer()
     Trainer(config(tmp_path / "r", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()
