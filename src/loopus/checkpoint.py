@@ -18,6 +18,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be loaded as it is."""
 
 
+def is_loopus_checkpoint(path: str | os.PathLike) -> bool:
+    """Is `path` a directory whose config says `model_type: loopus` (False for anything else, unreadable included)?"""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "loopus"
+    except ValueError:
+        return False
+
+
 def _check_safetensors_file(path: Path) -> None:
     size = path.stat().st_size
     with path.open("rb") as handle:

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval import register_lm_eval
-    from ..eval.harness import evaluate_hf, evaluate_loopus, is_loopus_checkpoint, write_eval_report
+    from ..checkpoint import is_loopus_checkpoint
+    from ..eval.harness import evaluate_hf, evaluate_loopus, write_eval_report
     from ..paths import data_dir
 
     os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())

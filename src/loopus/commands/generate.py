@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpoint import is_loopus_checkpoint
 from ..halting import STRATEGIES
 from .convert import parse_layers
 
@@ -54,10 +55,7 @@ def load_model(args: argparse.Namespace):
     from ..zoo import load_base, resolve
 
     source = Path(args.model)
-    is_loopus = False
-    if source.is_dir() and (source / "config.json").exists():
-        is_loopus = json.loads((source / "config.json").read_text()).get("model_type") == "loopus"
-    if is_loopus:
+    if is_loopus_checkpoint(source):
         if args.encoder_layers is not None or args.decoder_layers is not None:
             raise ValueError(f"{args.model} is already a LoopUS checkpoint: drop --encoder-layers/--decoder-layers")
         AutoConfig.from_pretrained(source)  # fail early and clearly on a broken config

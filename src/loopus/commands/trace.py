@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from ..checkpoint import is_loopus_checkpoint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,16 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _is_loopus_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "loopus"
-    except json.JSONDecodeError:
-        return False
-
-
 def load_model(args: argparse.Namespace):
     """(LoopUS model, tokenizer) from a checkpoint dir, or a base model converted with the given split."""
     from transformers import AutoTokenizer
@@ -51,7 +42,7 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model)
     has_split = args.split is not None or args.encoder_layers is not None or args.decoder_layers is not None
-    if path.is_dir() and _is_loopus_checkpoint(path):
+    if path.is_dir() and is_loopus_checkpoint(path):
         if has_split:
             raise ValueError(f"{path} is a LoopUS checkpoint with its own split: leave out --split/--encoder-layers")
         model = LoopUSForCausalLM.from_pretrained(path)

@@ -6,7 +6,6 @@ offline tasks, and keep one loaded model across the sweep.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,13 +17,6 @@ from .report import (
     plot_metric_vs_loops,
     write_json,
 )
-
-
-def is_loopus_checkpoint(path: str | os.PathLike) -> bool:
-    import json
-
-    config = Path(path) / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") == "loopus"
 
 
 def _task_manager(tasks: list[str]):
@@ -51,7 +43,6 @@ def evaluate_hf(
     from lm_eval.models.huggingface import HFLM
 
     from ..zoo import resolve
-    from . import task_manager
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=resolve(model), dtype="float32", batch_size=batch_size, device=device)

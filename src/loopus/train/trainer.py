@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, is_loopus_checkpoint
 from .checkpointing import (
     finalize_checkpoint,
     latest_checkpoint,
@@ -58,26 +58,16 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN/inf; training stopped before the optimiser step."""
 
 
-def _is_loopus_dir(path: str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "loopus"
-    except ValueError:
-        return False
-
-
 def build_model(cfg: TrainConfig, model=None, tokenizer=None):
     """The model to train (LoopUS or the plain base model for dense mode) and its tokenizer."""
     split_given = cfg.encoder_layers is not None and cfg.decoder_layers is not None
-    if model is None and cfg.mode == "loopus" and not split_given and not _is_loopus_dir(cfg.model):
+    if model is None and cfg.mode == "loopus" and not split_given and not is_loopus_checkpoint(cfg.model):
         raise ValueError(
             f"{cfg.model} is a plain base model: give the split with --encoder-layers N --decoder-layers N "
             "(or pass a converted LoopUS checkpoint)"
         )
     if model is None:
-        if _is_loopus_dir(cfg.model):
+        if is_loopus_checkpoint(cfg.model):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             import loopus  # noqa: F401  (registers the Auto classes)
