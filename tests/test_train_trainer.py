@@ -106,6 +106,15 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path, 
     assert not torch.equal(weight, before) and torch.isfinite(weight).all()
 
 
+def test_fsdp_refuses_lora_and_a_missing_process_group(tmp_path, corpus, packed):
+    tok = char_tokenizer()
+    with pytest.raises(ValueError, match="LoRA adapters cannot be trained with FSDP"):
+        Trainer(config(tmp_path / "l", corpus, fsdp=True, lora_rank=4), model=tiny_loopus("llama"), tokenizer=tok,
+                data=packed)
+    with pytest.raises(ValueError, match="needs a process group: start the run with `accelerate launch`"):
+        Trainer(config(tmp_path / "p", corpus, fsdp=True), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+
+
 def test_resume_refuses_changed_settings(tmp_path, corpus, packed):
     tok = char_tokenizer()
     Trainer(config(tmp_path / "r", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()

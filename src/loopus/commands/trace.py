@@ -42,7 +42,7 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model)
     has_split = args.split is not None or args.encoder_layers is not None or args.decoder_layers is not None
-    if path.is_dir() and is_loopus_checkpoint(path):
+    if is_loopus_checkpoint(path):
         if has_split:
             raise ValueError(f"{path} is a LoopUS checkpoint with its own split: leave out --split/--encoder-layers")
         model = LoopUSForCausalLM.from_pretrained(path)

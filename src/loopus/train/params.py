@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def base_layers(model: nn.Module) -> nn.ModuleList:
+    """The base model's decoder layers, of a LoopUS model or of a plain causal LM."""
     return model.layers if hasattr(model, "layers") else model.model.layers
 
 
@@ -30,7 +31,7 @@ def parameter_groups(model: nn.Module, encoder_layers: int = 0, decoder_layers: 
     if looped:
         encoder_layers, decoder_layers = model.config.encoder_layers, model.config.decoder_layers
     base = _inner(model)
-    num_layers = len(_layers(base))
+    num_layers = len(base_layers(base))
     owner: dict[int, str] = {}
 
     def mark(module: nn.Module | None, group: str) -> None:
@@ -41,7 +42,7 @@ def parameter_groups(model: nn.Module, encoder_layers: int = 0, decoder_layers: 
 
     # the embedding first: a tied lm_head then resolves to "embeddings"
     mark(base.get_input_embeddings(), "embeddings")
-    for i, layer in enumerate(_layers(base)):
+    for i, layer in enumerate(base_layers(base)):
         if i < encoder_layers:
             group = "encoder"
         elif i >= num_layers - decoder_layers:
@@ -124,7 +125,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """
     target = _inner(model) if not hasattr(model, "gradient_checkpointing_enable") else model
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = _layers(_inner(model))
+    layers = base_layers(_inner(model))
     if not all(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise RuntimeError(f"gradient checkpointing did not reach the decoder layers of {type(model).__name__}")
 

@@ -29,12 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from .params import base_layers
+
 ROOT_METHODS = ("embed", "decode", "lm_logits")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.layers if hasattr(model, "loop_step") else model.model.layers
 
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
@@ -43,7 +41,7 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     bf16: parameters are gathered in bf16 for compute, gradients reduced in fp32 (fp32 master weights).
     """
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in _decoder_layers(model):
+    for layer in base_layers(model):
         fully_shard(layer, mp_policy=policy)
     looped = hasattr(model, "loop_step")
     if looped:

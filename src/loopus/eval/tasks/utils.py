@@ -106,6 +106,11 @@ def load_hellaswag(**kwargs) -> datasets.DatasetDict:
 # -- ARC (original AI2 jsonl -> the allenai/ai2_arc row layout) --------------------------------------
 
 
+def _ai2_choices(question: dict) -> dict[str, list[str]]:
+    """AI2's `question.choices` list (ARC, OpenBookQA) in the hub datasets' {"text": [...], "label": [...]} form."""
+    return {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
+
+
 def _arc(kwargs: dict, name: str) -> datasets.DatasetDict:
     rows = []
     for r in _jsonl(_file(kwargs, f"arc/{name}-Test.jsonl", name)):
@@ -114,7 +119,7 @@ def _arc(kwargs: dict, name: str) -> datasets.DatasetDict:
             {
                 "id": r["id"],
                 "question": q["stem"],
-                "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+                "choices": _ai2_choices(q),
                 "answerKey": r["answerKey"],
             }
         )
@@ -201,7 +206,7 @@ def load_openbookqa(**kwargs) -> datasets.DatasetDict:
                 {
                     "id": r["id"],
                     "question_stem": q["stem"],
-                    "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+                    "choices": _ai2_choices(q),
                     "answerKey": r["answerKey"],
                 }
             )
