@@ -1,19 +1,29 @@
 # Two commands do the whole set-up on a fresh machine:
-#   make run    create .venv, install loopus, run the main job on the embedded Gemma 3 270M
-#   make test   create .venv, install loopus, run the test suite
+#   make run    create .venv, install loopus at the tested versions, run the main job on the embedded Gemma 3 270M
+#   make test   create .venv, install loopus at the tested versions, run the test suite
+# and one more, run by CI after `make test`:
+#   make test-newest   a fresh .venv-newest with the newest releases pip resolves today, and the drift tests
 PYTHON ?= python3
 VENV ?= .venv
+NEWEST_VENV ?= .venv-newest
 LOOPUS_DATA ?= $(abspath ../shared/data)
 export LOOPUS_DATA
 # CPU wheel of PyTorch by default; GPU users: make TORCH_SPEC="torch==2.13.0" PIP_TORCH_INDEX=... (see README)
 TORCH_SPEC ?= torch==2.13.0
+# Exact versions of every other dependency, the lowest releases loopus supports (see README).
+CONSTRAINTS ?= constraints.txt
 PROFILE ?= quick
+# What an upstream release is most likely to break: exactness, the cache, generation and adaptive exit,
+# checkpoints, one training step, and the lm-eval adapter.
+DRIFT_TESTS ?= tests/test_convert.py tests/test_checkpoint.py tests/test_cache.py tests/test_generate.py \
+	tests/test_exit.py tests/test_train_objective.py tests/test_eval_lm_eval.py tests/test_real_gemma.py \
+	tests/test_train_real.py "tests/test_train_trainer.py::test_killed_and_resumed_run_ends_bit_identical"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,4 +34,13 @@ run: install
 test: install
 	$(VENV)/bin/python -m pytest -q
 
-.PHONY: install run test
+# Always a fresh environment: the point is to see what a new user gets from pip today.
+test-newest:
+	$(PYTHON) -m venv --clear $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(NEWEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(NEWEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|lm.eval|safetensors|tokenizers) '
+	$(NEWEST_VENV)/bin/python -m pytest -q $(DRIFT_TESTS)
+
+.PHONY: install run test test-newest

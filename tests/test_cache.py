@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_looped
 
 from loopus import LoopKVCache
+from loopus.compat import output_cache
 
 
 tiny = partial(tiny_looped, num_loops=4)
@@ -78,7 +79,7 @@ def test_exit_at_depth_d_everywhere_equals_a_fixed_budget_of_d():
         fixed = model.generate(ids, num_loops=2, **kwargs)
     assert torch.equal(adaptive.sequences, fixed.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(adaptive.logits, fixed.logits)) < 1e-5
-    assert adaptive.past_key_values.loop_stats()["histogram"] == {2: adaptive.sequences.shape[1] - 1}
+    assert output_cache(adaptive).loop_stats()["histogram"] == {2: adaptive.sequences.shape[1] - 1}
 
 
 def test_shared_mode_keeps_the_latest_depth_and_its_bytes_do_not_depend_on_the_budget():

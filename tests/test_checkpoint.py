@@ -101,3 +101,12 @@ def test_config_round_trip_keeps_the_split(tmp_path):
     assert saved["base_config"]["model_type"] == "qwen2"
     config = AutoConfig.from_pretrained(tmp_path)
     assert (config.encoder_layers, config.decoder_layers, config.num_loops, config.gate_rank) == (2, 3, 6, 8)
+
+
+def test_a_plain_checkpoint_is_refused_before_any_model_is_built(tmp_path):
+    """A plain Llama directory must not be read as a LoopUS config with a default 4096-wide base."""
+    tiny_base("llama").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a LoopUS checkpoint.*'llama'.*loopus convert"):
+        LoopUSForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a LoopUS checkpoint"):
+        loopus.LoopUSConfig.from_pretrained(tmp_path)

@@ -100,6 +100,43 @@ def test_bad_splits_are_refused(encoder, decoder, message):
         loopus.convert(tiny_base("llama"), encoder, decoder)
 
 
+@pytest.mark.parametrize("encoder, decoder", [(2.0, 1), (True, 1), (1, "2"), ([0, 1.0], 1)])
+def test_split_counts_must_be_integers(encoder, decoder):
+    with pytest.raises(SplitError, match="must be a layer count|integer layer indices"):
+        loopus.convert(tiny_base("llama"), encoder, decoder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gate_rank=0), "gate_rank must be >= 1"),
+        (dict(gate_rank=2.5), "gate_rank must be an integer"),
+        (dict(num_loops=2.7), "num_loops must be an integer"),
+        (dict(num_loops=True), "num_loops must be an integer"),
+        (dict(gate_init=1.0), "gate_init must be a number in"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        loopus.convert(tiny_base("llama"), 2, 1, **kwargs)
+
+
+def test_a_fractional_loop_budget_is_refused_not_truncated():
+    model = loopus.convert(tiny_base("llama"), 2, 1)
+    with pytest.raises(ValueError, match="num_loops must be an integer, got 2.7"):
+        model(torch.tensor([[5, 6, 7]]), num_loops=2.7)
+
+
+def test_peft_lora_without_target_modules_uses_the_base_defaults():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(loopus.convert(tiny_base("llama"), 2, 1), LoraConfig(task_type="CAUSAL_LM", r=2))
+    adapted = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith(("q_proj", "v_proj"))}
+    assert adapted == {"q_proj", "v_proj"}
+    lora_layers = [name for name, _ in model.named_parameters() if "lora_A" in name]
+    assert len(lora_layers) == 2 * 6  # q and v of every base layer, as PEFT does for the base model
+
+
 def test_explicit_index_lists_equal_counts():
     base = tiny_base("llama")
     model = loopus.convert(base, [0, 1], [4, 5])
@@ -116,3 +153,33 @@ def test_unsupported_architecture_names_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama, qwen2, qwen3, mistral, gemma3_text, phi3"):
         loopus.convert(gpt2, 1, 1)
+
+
+@pytest.mark.parametrize("path", ["/no/such/dir", "./no-such-dir", "../no/such", "~/no-such-loopus-dir", "a/b/c"])
+def test_a_missing_base_model_path_is_named(path, tmp_path):
+    from loopus.zoo import load_base
+
+    with pytest.raises(FileNotFoundError, match=f"^base model path {path} does not exist$"):
+        load_base(path)
+    with pytest.raises(FileNotFoundError, match=f"^base model path {path} does not exist$"):
+        loopus.convert(path, 1, 1)
+
+
+def test_hub_ids_are_not_taken_for_paths():
+    from loopus.zoo import looks_like_path
+
+    assert not looks_like_path("google/gemma-3-270m") and not looks_like_path("gpt2")
+    assert looks_like_path("/abs/model") and looks_like_path("./m") and looks_like_path("~/m")
+    assert looks_like_path("runs/a/model")
+
+
+def test_convert_command_names_a_missing_base_path_in_one_line(tmp_path, capsys):
+    from loopus.cli import main
+
+    for extra in ([], ["--encoder-layers", "1", "--decoder-layers", "1"]):
+        code = main(["convert", "/no/such/dir", "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.strip() == "loopus convert: error: base model path /no/such/dir does not exist"
+        assert "Traceback" not in err and "Repo id" not in err
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import torch
 
 import loopus
 from loopus.cli import main
+from loopus.compat import output_cache
 
 pytestmark = pytest.mark.real
 
@@ -47,7 +48,7 @@ def test_real_gemma_left_padded_batch_equals_alone_with_adaptive_exit(looped):
         assert torch.equal(batch.sequences[row, width:], alone.sequences[0, -4:])
         gap = max((b[row] - a[0]).abs().max().item() for b, a in zip(batch.logits, alone.logits))
         assert gap < 1e-3
-        assert torch.equal(batch.past_key_values.loop_passes[row, -3:], alone.past_key_values.loop_passes[0, -3:])
+        assert torch.equal(output_cache(batch).loop_passes[row, -3:], output_cache(alone).loop_passes[0, -3:])
 
 
 def test_real_gemma_generate_cli_streams_loop_counts(gemma, capsys, tmp_path):

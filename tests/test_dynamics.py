@@ -225,6 +225,28 @@ def test_analyze_command_writes_split_and_plot(tmp_path, capsys):
     assert "loopus convert" in capsys.readouterr().out
 
 
+def test_analyze_reads_a_data_file_as_the_calibration_text(tmp_path, capsys):
+    """`loopus analyze --data FILE.jsonl` (or .txt): that file is the calibration text."""
+    model_dir = save_tiny_base(tmp_path / "base")
+    calib = write_calibration(tmp_path / "calib.jsonl")
+    out = tmp_path / "analysis"
+    code = main(["analyze", str(model_dir), "--data", str(calib), "--tokens", "300", "--window", "64",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "split.json").read_text())
+    assert result["calibration"]["source"] == str(calib) and result["calibration"]["tokens"] == 300
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("A river runs north past the mills.\n\nThe bridge is old.\n")
+    text, source = calibration_text(plain)
+    assert source == str(plain) and text.startswith("A river runs north") and "The bridge is old." in text
+    # a relative --calibration is looked for next to the data file
+    text, source = calibration_text(plain, "calib.jsonl", max_chars=100)
+    assert source == str(calib) and text.startswith("The 0th river")
+    with pytest.raises(FileNotFoundError, match="data path .*absent.jsonl does not exist"):
+        calibration_text(tmp_path / "absent.jsonl")
+
+
 @pytest.mark.parametrize(
     "argv_extra, message",
     [

@@ -108,6 +108,33 @@ def test_exit_args_are_passed_or_refused(tiny):
     assert lm.mean_loop_passes is not None and lm.mean_loop_passes < 4
 
 
+@pytest.mark.parametrize("task, limit", [("arc_easy", 8), ("lambada_openai", 6), ("wikitext", 1)])
+def test_exit_rule_that_never_fires_gives_the_fixed_budget_metrics(tiny, data_dir, monkeypatch, task, limit):
+    """Through lm-eval (`evaluate_loopus`: one model, fixed point then exit point), an exit rule that can't
+    fire computes exactly the fixed budget, on multiple choice, lambada and rolling perplexity.
+
+    min_loops == num_loops can't fire whatever the weights: the model tests the rule only after passes
+    n < num_loops, and the tracker returns no decision while n < min_loops. The exit point still takes
+    the exit path (exit kwargs, prefill_exit, the padding mask in padded batches of 4).
+    """
+    from loopus.eval.harness import evaluate_loopus
+    from loopus.modeling import LoopUSForCausalLM
+
+    if not _accepts(LoopUSForCausalLM.forward, "exit_strategy"):
+        pytest.skip("this LoopUSForCausalLM has no adaptive exit")
+    monkeypatch.setenv("LOOPUS_DATA", str(data_dir))
+    _, loop_dir = tiny
+    report = evaluate_loopus(
+        str(loop_dir), [task], loops=[4], limit=limit, exit_strategy="threshold", thresholds=[0.9],
+        min_loops=4, batch_size=4, device="cpu", bootstrap_iters=0,
+    )
+    fixed, exited = report["points"]
+    assert fixed["label"] == "fixed 4" and exited["label"] == "t=0.9"
+    assert fixed["metrics"][task]  # the task produced metrics
+    assert exited["metrics"] == fixed["metrics"]  # exactly, not approximately
+    assert fixed["mean_loop_passes"] == exited["mean_loop_passes"] == 4.0
+
+
 def test_base_checkpoint_is_refused(tiny):
     base_dir, _ = tiny
     with pytest.raises(ValueError, match="--model hf"):

@@ -10,6 +10,7 @@ from conftest import tiny_looped
 
 import loopus
 from loopus.halting import ExitRule
+from loopus.compat import output_cache
 
 
 tiny = partial(tiny_looped, num_loops=6)
@@ -75,7 +76,7 @@ def test_exited_rows_do_no_reasoning_work():
     counter = RowCounter(model)
     out = generate(model, ids, mask, num_loops=6, exit_strategy="convergence", exit_threshold=0.3)
     counter.close()
-    cache = out.past_key_values
+    cache = output_cache(out)
     prompt = ids.shape[1]
     decode_passes = cache.loop_passes[:, prompt:]  # one column per decode forward
     work = counter.per_call()
@@ -109,8 +110,8 @@ def test_adaptive_batch_rows_equal_prompts_alone(family, strategy, threshold):
         assert torch.equal(batch.sequences[row, width:], alone.sequences[0, len(p) :])
         gap = max((b[row] - a[0]).abs().max().item() for b, a in zip(batch.logits, alone.logits))
         assert gap < 1e-4
-        assert torch.equal(batch.past_key_values.loop_passes[row, width:], alone.past_key_values.loop_passes[0, len(p) :])
-        passes_seen |= set(alone.past_key_values.loop_passes[0, len(p) :].tolist())
+        assert torch.equal(output_cache(batch).loop_passes[row, width:], output_cache(alone).loop_passes[0, len(p) :])
+        passes_seen |= set(output_cache(alone).loop_passes[0, len(p) :].tolist())
     assert len(passes_seen) > 1
 
 
@@ -122,7 +123,7 @@ def test_a_rule_that_never_fires_equals_the_fixed_budget():
         never = generate(model, ids, num_loops=4, exit_strategy=strategy, exit_threshold=0.0, max_new_tokens=5)
         assert torch.equal(never.sequences, fixed.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(never.logits, fixed.logits)) == 0.0
-        assert (never.past_key_values.loop_passes == 4).all()
+        assert (output_cache(never).loop_passes == 4).all()
     pinned = generate(model, ids, num_loops=4, exit_strategy="convergence", exit_threshold=10.0, min_loops=4,
                       max_new_tokens=5)
     assert torch.equal(pinned.sequences, fixed.sequences)
@@ -135,27 +136,27 @@ def test_confidence_strategies_at_initialisation():
     ids = torch.randint(3, 97, (1, 4), generator=torch.Generator().manual_seed(4))
     prompt = ids.shape[1]
     half = generate(model, ids, num_loops=6, exit_strategy="threshold", exit_threshold=0.5, min_loops=3)
-    assert half.past_key_values.loop_stats(start=prompt)["histogram"] == {3: 7}
+    assert output_cache(half).loop_stats(start=prompt)["histogram"] == {3: 7}
     cdf = generate(model, ids, num_loops=6, exit_strategy="cdf", exit_threshold=0.9)
-    assert cdf.past_key_values.loop_stats(start=prompt)["histogram"] == {4: 7}
+    assert output_cache(cdf).loop_stats(start=prompt)["histogram"] == {4: 7}
     high = generate(model, ids, num_loops=6, exit_strategy="threshold", exit_threshold=0.9)
-    assert high.past_key_values.loop_stats(start=prompt)["histogram"] == {6: 7}
+    assert output_cache(high).loop_stats(start=prompt)["histogram"] == {6: 7}
 
 
 def test_kl_needs_two_passes_and_a_loose_threshold_stops_there():
     model = tiny("gemma3_text", num_loops=5)
     ids = torch.randint(3, 97, (1, 4), generator=torch.Generator().manual_seed(5))
     out = generate(model, ids, num_loops=5, exit_strategy="kl", exit_threshold=1e9)
-    assert out.past_key_values.loop_stats(start=4)["histogram"] == {2: 7}
+    assert output_cache(out).loop_stats(start=4)["histogram"] == {2: 7}
     later = generate(model, ids, num_loops=5, exit_strategy="kl", exit_threshold=1e9, min_loops=3)
-    assert later.past_key_values.loop_stats(start=4)["histogram"] == {3: 7}
+    assert output_cache(later).loop_stats(start=4)["histogram"] == {3: 7}
 
 
 def test_kl_probe_writes_nothing_to_the_decoder_cache():
     model = tiny("mistral", num_loops=4)
     ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(6))
     out = generate(model, ids, num_loops=4, exit_strategy="kl", exit_threshold=0.01, max_new_tokens=4)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
     decoder_slot = cache.slot(model.config.reasoning_range.stop)
     assert cache.layers[decoder_slot].get_seq_length() == cache.get_seq_length()
@@ -192,3 +193,31 @@ def test_exit_rule_validation(args, message):
         ExitRule.build(*args)
     rule = ExitRule.build("kl", None, None, 4)
     assert (rule.threshold, rule.min_loops, rule.max_loops) == (0.01, 1, 4)
+
+
+def test_a_one_token_prompt_is_prefill_alone_and_in_a_padded_batch():
+    """A one-token prompt is prefill, not a decode step: the full budget, alone exactly as in a batch."""
+    model = tiny("llama", num_loops=6)
+    prompts, ids, mask = left_padded([1, 4, 1, 3], seed=9)
+    kwargs = dict(num_loops=6, exit_strategy="convergence", exit_threshold=0.3, max_new_tokens=6)
+    batch = generate(model, ids, mask, **kwargs)
+    width = ids.shape[1]
+    for row, p in enumerate(prompts):
+        alone = generate(model, p[None], **kwargs)
+        assert (output_cache(alone).loop_passes[0, : len(p)] == 6).all()  # the prompt ran the whole budget
+        assert torch.equal(batch.sequences[row, width:], alone.sequences[0, len(p) :])
+        assert torch.equal(output_cache(batch).loop_passes[row, width:], output_cache(alone).loop_passes[0, len(p) :])
+    assert set(output_cache(batch).loop_passes[:, width:].flatten().tolist()) != {6}  # decode steps do exit
+
+
+def test_exit_where_it_could_never_apply_is_refused():
+    model = tiny("llama", num_loops=4)
+    ids = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, ids, num_loops=4, exit_strategy="kl", exit_threshold=0.1, use_cache=False)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        generate(model, ids, num_loops=4, exit_strategy="kl", exit_threshold=0.1, prompt_lookup_num_tokens=2)
+    with torch.no_grad(), pytest.raises(ValueError, match="no KV cache"):
+        model(input_ids=ids, num_loops=4, exit_strategy="kl", exit_threshold=0.1, use_cache=False)
+    with torch.no_grad():  # the same forward with prefill_exit applies the rule
+        model(input_ids=ids, num_loops=4, exit_strategy="kl", exit_threshold=0.1, use_cache=False, prefill_exit=True)

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_looped
 
 import loopus
+from loopus.compat import GENERATION_CACHE_KWARG, output_cache
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3"]
 
@@ -42,9 +43,9 @@ def test_cached_greedy_equals_recomputation(family):
     uncached = gen(model, ids, num_loops=3, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert max_logit_gap(cached, uncached) < 1e-4
-    assert isinstance(cached.past_key_values, loopus.LoopKVCache)
+    assert isinstance(output_cache(cached), loopus.LoopKVCache)
     # every position (prompt + generated but the last) is cached at every depth
-    assert cached.past_key_values.get_seq_length() == cached.sequences.shape[1] - 1
+    assert output_cache(cached).get_seq_length() == cached.sequences.shape[1] - 1
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "mistral"])
@@ -95,7 +96,7 @@ def test_shared_kv_equals_per_depth_at_one_loop_and_differs_above():
     assert max_logit_gap(one_shared, one_depth) == 0.0
     shared = gen(model, ids, num_loops=4, kv_mode="shared")
     per_depth = gen(model, ids, num_loops=4, kv_mode="per_depth")
-    assert shared.past_key_values.kv_mode == "shared"
+    assert output_cache(shared).kv_mode == "shared"
     # the prompt's logits are identical (prefill sees no cached tokens); decoding differs once it reads the cache
     assert torch.allclose(shared.logits[0], per_depth.logits[0], atol=1e-5)
     assert max_logit_gap(shared, per_depth) > 1e-4
@@ -123,9 +124,9 @@ def test_a_cache_built_for_fewer_loops_is_refused():
     model = tiny("llama")
     cache = model.new_cache(2)
     with pytest.raises(ValueError, match="built for 2 loops but num_loops=4"):
-        gen(model, torch.tensor([[5, 6, 7]]), num_loops=4, past_key_values=cache)
+        gen(model, torch.tensor([[5, 6, 7]]), num_loops=4, **{GENERATION_CACHE_KWARG: cache})
     with pytest.raises(ValueError, match="kv_mode='shared' was requested"):
-        gen(model, torch.tensor([[5, 6, 7]]), num_loops=2, past_key_values=model.new_cache(2), kv_mode="shared")
+        gen(model, torch.tensor([[5, 6, 7]]), num_loops=2, **{GENERATION_CACHE_KWARG: model.new_cache(2)}, kv_mode="shared")
 
 
 def test_a_budget_below_the_cache_depth_is_allowed_and_exact():
@@ -134,7 +135,7 @@ def test_a_budget_below_the_cache_depth_is_allowed_and_exact():
     ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(8))
     reference = gen(model, ids, num_loops=2)
     cache = model.new_cache(4)
-    got = gen(model, ids, num_loops=2, past_key_values=cache)
+    got = gen(model, ids, num_loops=2, **{GENERATION_CACHE_KWARG: cache})
     assert torch.equal(got.sequences, reference.sequences)
     assert max_logit_gap(got, reference) < 1e-5
     for layer_idx in model.config.reasoning_range:

@@ -8,10 +8,15 @@ import re
 import pytest
 import torch
 
-from loopus.train.data import IGNORE_INDEX, build_data, parse_corpus, resolve_source, split_row
+from loopus.train.data import IGNORE_INDEX, PAD_SLOT, build_data, parse_corpus, resolve_source, split_row
 from test_train_helpers import char_tokenizer, write_corpus
 
 torch.set_num_threads(1)
+
+
+def real_tokens(rows: torch.Tensor) -> list[int]:
+    """The token ids of stored rows without their padding."""
+    return [t for t in rows.flatten().tolist() if t != PAD_SLOT]
 
 
 def test_corpus_specs_parse_weights():
@@ -22,10 +27,31 @@ def test_corpus_specs_parse_weights():
         parse_corpus("enwiki=0")
 
 
-def test_packing_separates_documents_and_ignores_the_next_bos(tmp_path):
+def test_document_rows_start_with_bos_and_stay_inside_one_document(tmp_path):
     write_corpus(tmp_path)
     tok = char_tokenizer()
-    data = build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=20, valid_rows=3)
+    data = build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=40, valid_rows=3)
+    assert data.train.shape == (40, 17) and data.valid.shape == (3, 17)
+    assert (data.train[:, 0] == tok.bos_token_id).all() and (data.valid[:, 0] == tok.bos_token_id).all()
+    docs = [json.loads(line)["text"] for line in (tmp_path / "tiny" / "train.jsonl").read_text().splitlines()]
+    expected = []  # [bos] + the next 16 tokens of one document (its last piece ends in EOS), in order
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected += [ids[i : i + 16] for i in range(0, len(ids), 16)]
+    inputs, labels = split_row(data.train, data.bos)
+    for row in range(40):
+        real = labels[row] != IGNORE_INDEX
+        assert labels[row][real].tolist() == expected[row]  # every label is the row's own document
+        assert real.tolist() == sorted(real.tolist(), reverse=True)  # padding only at the end
+        assert (inputs[row, 1:][real[:-1]] == labels[row, :-1][real[:-1]]).all()
+    assert (labels == IGNORE_INDEX).any()  # short last pieces are padded, and their padding is ignored
+    assert not (inputs == tok.bos_token_id)[:, 1:].any()  # no second document inside a row
+
+
+def test_stream_packing_separates_documents_and_ignores_the_next_bos(tmp_path):
+    write_corpus(tmp_path)
+    tok = char_tokenizer()
+    data = build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=20, valid_rows=3, packing="stream")
     assert data.train.shape == (20, 17) and data.valid.shape == (3, 17)
     first = json.loads((tmp_path / "tiny" / "train.jsonl").read_text().splitlines()[0])["text"]
     ids = tok(first, add_special_tokens=False)["input_ids"]
@@ -47,9 +73,9 @@ def test_packing_separates_documents_and_ignores_the_next_bos(tmp_path):
 def test_shuffle_is_deterministic_and_seeded(tmp_path):
     write_corpus(tmp_path)
     tok = char_tokenizer()
-    a = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=1)
-    b = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=1)
-    c = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=2)
+    a = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=1, packing="stream")
+    b = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=1, packing="stream")
+    c = build_data(tok, ["tiny"], str(tmp_path), 16, 30, 2, seed=2, packing="stream")
     assert torch.equal(a.batch(3, 4)[0], b.batch(3, 4)[0])
     assert not torch.equal(a.indices(0, 30), c.indices(0, 30))
     # one epoch visits every row once; the next epoch reshuffles
@@ -70,7 +96,7 @@ def test_weighted_mixing_and_hash_validation_split(tmp_path):
     src = resolve_source(str(other), None)
     assert src.valid is None  # held out by document hash
     def numbers(rows):
-        text = "".join(tok.convert_ids_to_tokens(rows.flatten().tolist()))
+        text = "".join(tok.convert_ids_to_tokens(real_tokens(rows)))
         return set(re.findall(r"number (\d+) about", text))
 
     valid_numbers, train_numbers = numbers(data.valid[6:]), numbers(data.train[30:])
@@ -90,7 +116,7 @@ def test_hf_corpus_reads_a_local_dataset_through_datasets(tmp_path, monkeypatch)
     assert data.train.shape == (8, 17) and data.valid.shape == (2, 17)
 
     def text(rows) -> str:  # the character tokenizer decodes with a space between characters
-        return "".join(tok.decode(r, skip_special_tokens=True) for r in rows).replace(" ", "")
+        return "".join(tok.decode(real_tokens(r), skip_special_tokens=True) for r in rows).replace(" ", "")
 
     assert text(data.train[:1]).startswith("traindocum") and "validation" not in text(data.train)
     assert text(data.valid[:1]).startswith("validationdocum") and "train" not in text(data.valid)
@@ -103,12 +129,45 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
         build_data(char_tokenizer(), ["nope"], str(tmp_path), 16, 4, 1)
 
 
+def test_a_data_file_is_the_corpus(tmp_path):
+    """`--data FILE.jsonl` / `FILE.txt`: the file is the corpus, read under the (default) corpus name."""
+    tok = char_tokenizer()
+
+    def text(rows):
+        return "".join(tok.convert_ids_to_tokens(real_tokens(rows)))
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"jsonl document {i} about rivers."}) + "\n" for i in range(200)))
+    data = build_data(tok, ["enwiki"], str(jsonl), seq_len=16, train_rows=12, valid_rows=2, val_fraction=0.1)
+    assert data.train.shape == (12, 17) and data.valid.shape == (2, 17)
+    assert data.mix == {str(jsonl): 12}
+    assert "jsonl document" in text(data.train) and "jsonl document" in text(data.valid)
+    assert resolve_source("anything", str(jsonl)).train == [jsonl]
+
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(f"text paragraph {i} about birds." for i in range(200)))
+    data = build_data(tok, ["enwiki"], str(txt), seq_len=16, train_rows=6, valid_rows=1)
+    assert data.mix == {str(txt): 6} and "text paragraph" in text(data.train)
+    # an explicit corpus path still wins over the data file
+    data = build_data(tok, [str(jsonl)], str(txt), seq_len=16, train_rows=4, valid_rows=1)
+    assert data.mix == {str(jsonl): 4}
+
+    with pytest.raises(ValueError, match="a data file is one corpus"):
+        build_data(tok, ["a", "b"], str(jsonl), seq_len=16, train_rows=4, valid_rows=1)
+    other = tmp_path / "docs.csv"
+    other.write_text("text\nx\n")
+    with pytest.raises(ValueError, match="unsupported data file .*docs.csv"):
+        build_data(tok, ["enwiki"], str(other), seq_len=16, train_rows=4, valid_rows=1)
+    with pytest.raises(FileNotFoundError, match="data path .*absent.jsonl does not exist"):
+        build_data(tok, ["enwiki"], str(tmp_path / "absent.jsonl"), seq_len=16, train_rows=4, valid_rows=1)
+
+
 @pytest.mark.real
 def test_default_enwiki_corpus_with_the_gemma_tokenizer(gemma, data_dir):
     _, tokenizer = gemma
     data = build_data(tokenizer, ["enwiki"], str(data_dir), seq_len=128, train_rows=8, valid_rows=2)
     assert data.train.shape == (8, 129)
-    text = tokenizer.decode(data.train[0].tolist())
+    text = tokenizer.decode(real_tokens(data.train[0]))
     assert len(text) > 200
     # validation comes from enwiki/valid.jsonl, not from the training file
     first_valid = json.loads((data_dir / "enwiki" / "valid.jsonl").open().readline())["text"]

@@ -42,6 +42,22 @@ def test_sample_plan_respects_ranges_and_is_reproducible():
     assert seen_horizons == set(range(3, 8)) and seen_counts == {1, 2, 3}
 
 
+def test_supervise_first_always_includes_loop_one_and_leaves_the_default_draws_alone():
+    middle = set()
+    for seed in range(200):
+        plan = sample_plan(torch.Generator().manual_seed(seed), 2, 6, 2, 3, supervise_first=True)
+        assert plan.supervised[0] == 1 and plan.supervised[-1] == plan.horizon
+        middle |= set(plan.supervised[1:-1])
+        # without the option the draw is the one the earlier releases made (resume of old runs stays exact)
+        default = sample_plan(torch.Generator().manual_seed(seed), 2, 6, 2, 3)
+        g = torch.Generator().manual_seed(seed)
+        horizon = int(torch.randint(2, 7, (1,), generator=g))
+        count = min(int(torch.randint(2, 4, (1,), generator=g)), horizon)
+        rest = torch.randperm(horizon - 1, generator=g)[: count - 1] + 1
+        assert default.supervised == tuple(sorted({horizon, *rest.tolist()}))
+    assert middle == {2, 3, 4, 5}  # the remaining draws still cover the inner steps
+
+
 def test_gradient_windows_never_overlap():
     plan = RDSPlan(8, (3, 4, 8), grad_steps=2)
     assert plan.window_starts() == {3: 2, 4: 4, 8: 7}

@@ -149,6 +149,64 @@ def test_nan_stops_cleanly_and_the_last_checkpoint_loads(tmp_path, corpus, packe
     check_model_dir(tmp_path / "n")
 
 
+def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
+    """`--resume --lr X` re-bases the schedule to X (optimiser/scheduler state would bring the old lr back)."""
+    from loopus.train.optim import is_new_module, lr_factor
+
+    tok = char_tokenizer()
+    first = Trainer(config(tmp_path / "lr", corpus, max_steps=4, new_module_lr_mult=3.0), model=tiny_loopus("llama"),
+                    tokenizer=tok, data=packed)
+    first.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "lr")] == ["step-00000002"]
+    assert load_checkpoint(list_checkpoints(tmp_path / "lr")[-1])["state"]["config"]["lr"] == 1e-2
+    capsys.readouterr()
+    for f in (tmp_path / "lr").glob("*.safetensors"):
+        f.unlink()
+
+    seen: list[list[float]] = []
+    resumed = Trainer(config(tmp_path / "lr", corpus, max_steps=4, new_module_lr_mult=3.0, lr=1e-3, resume=True),
+                      model=tiny_loopus("llama"), tokenizer=tok, data=packed,
+                      callbacks=[lambda trainer, step, metrics: seen.append(
+                          [g["lr"] for g in trainer.optimizer.param_groups])])
+    used: list[list[float]] = []
+    original_step = resumed.optimizer.step
+
+    def recording_step(*args, **kwargs):  # the lr each resumed update really used
+        used.append([g["lr"] for g in resumed.optimizer.param_groups])
+        return original_step(*args, **kwargs)
+
+    resumed.optimizer.step = recording_step
+    resumed.train()
+    assert resumed.step == 4
+    names = {id(q): n for n, q in resumed.module.named_parameters()}
+    mults = [3.0 if is_new_module(names[id(g["params"][0])]) else 1.0 for g in resumed.optimizer.param_groups]
+    assert sorted(set(mults)) == [1.0, 3.0]  # both the base groups and the new-module groups are checked
+    for step, lrs in zip((2, 3), used):
+        expected = [1e-3 * m * lr_factor(step, 4, 0, "cosine", 0.1) for m in mults]
+        assert lrs == pytest.approx(expected, rel=1e-12), step
+    assert seen[-1] == pytest.approx([1e-3 * m * lr_factor(4, 4, 0, "cosine", 0.1) for m in mults], rel=1e-12)
+    assert [g["initial_lr"] for g in resumed.optimizer.param_groups] == pytest.approx([1e-3 * m for m in mults])
+    assert resumed.scheduler.base_lrs == pytest.approx([1e-3 * m for m in mults])
+    out = capsys.readouterr().out
+    assert "resuming with lr 0.001 (checkpoint had 0.01)" in out
+    assert json.loads((tmp_path / "lr" / "train_config.json").read_text())["lr"] == 1e-3
+    log = [json.loads(line) for line in (tmp_path / "lr" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "lr_rebased" and r["lr"] == 1e-3 and r["checkpoint_lr"] == 1e-2 for r in log)
+
+
+def test_seq_len_beyond_the_base_models_positions_is_refused(tmp_path, corpus):
+    tok = char_tokenizer()  # the tiny models have max_position_embeddings 128
+    for mode in ("loopus", "dense"):
+        cfg = config(tmp_path / mode, corpus, seq_len=129, mode=mode)
+        cfg.corpus = ["not-there"]
+        # the refusal comes before any training work: the (missing) corpus is never read
+        with pytest.raises(ValueError, match="--seq-len 129 exceeds the base model's max_position_embeddings 128"):
+            Trainer(cfg, model=tiny_loopus("llama"), tokenizer=tok)
+    trainer = Trainer(config(tmp_path / "ok", corpus, seq_len=128, max_steps=1), model=tiny_loopus("llama"),
+                      tokenizer=tok)
+    assert trainer.data.train.shape[1] == 129
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tinybase")
@@ -188,9 +246,43 @@ def test_cli_errors_are_one_line(tmp_path, corpus, tiny_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert "--encoder-layers" in err and len(err.splitlines()) == 1
     code = cli_main(["train", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), "--max-steps", "1",
-                     "--encoder-layers", "1", "--decoder-layers", "1", "--data", str(corpus), "--corpus", "missing"])
+                     "--encoder-layers", "1", "--decoder-layers", "1", "--data", str(corpus), "--corpus", "missing",
+                     "--seq-len", "16"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("loopus train: error:") and "'missing' not found" in err
+
+
+def test_cli_trains_on_a_single_jsonl_file(tmp_path, corpus, tiny_dir, capsys):
+    """`--data FILE.jsonl` (as --help says) is the corpus itself, with the default corpus name."""
+    out = tmp_path / "file"
+    data_file = corpus / "tiny" / "train.jsonl"
+    code = cli_main(["train", "--model", str(tiny_dir), "--data", str(data_file), "--out", str(out), "--mode", "dense",
+                     "--max-steps", "1", "--seq-len", "16", "--batch-size", "2", "--val-tokens", "32",
+                     "--progress", "false", "--tensorboard", "false"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["steps"] == 1
+    start = json.loads((out / "logs" / "train.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["mix"] == {str(data_file): 2} and start["valid_rows"] >= 1
+
+
+def test_cli_error_line_ends_an_open_progress_bar(monkeypatch, capsys):
+    """A command failing under an open progress bar: the error still gets a line of its own."""
+    import loopus.commands.train as train_command
+    from tqdm.auto import tqdm
+
+    def failing(args):
+        bar = tqdm(total=3, desc="Writing model shards", file=sys.stderr)
+        bar.update(1)
+        raise FileNotFoundError("data directory X does not exist")
+
+    monkeypatch.setattr(train_command, "run", failing)
+    assert cli_main(["train", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()  # tqdm redraws with \r, which splitlines also breaks on
+    assert "loopus train: error: data directory X does not exist" in lines
+    assert err.endswith("loopus train: error: data directory X does not exist\n")
+    assert err.count("Writing model shards") >= 1 and "Traceback" not in err
 
 
 def launch_two_processes(out, corpus, tiny_dir, *extra: str) -> None:

@@ -4,12 +4,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import LoopKVCache
 from .checkpoint import CheckpointError
-from .config import LoopUSConfig, SplitError
+from .config import LoopUSConfig, SplitError, register_peft_defaults
 from .convert import UnsupportedArchitectureError, convert
 from .modeling import LoopUSForCausalLM
 
 AutoConfig.register("loopus", LoopUSConfig)
 AutoModelForCausalLM.register(LoopUSConfig, LoopUSForCausalLM)
+register_peft_defaults()
 
 __all__ = [
     "CheckpointError",

@@ -40,7 +40,7 @@ Decoder probes
 
 Per-token loop passes
     `loop_passes` (batch, seq_len) records how many reasoning passes each cached position ran;
-    `loop_stats()` gives their mean and histogram (over generation: `past_key_values` of
+    `loop_stats()` gives their mean and histogram (over generation: `loopus.compat.output_cache` of
     `generate(..., return_dict_in_generate=True)`, or a cache you pass in).
 """
 

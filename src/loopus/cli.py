@@ -30,8 +30,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         # Bad input ends in one clear line naming the problem, not a traceback.
-        print(f"loopus {args.command}: error: {err}", file=sys.stderr)
+        _end_progress_bars()
+        print(f"loopus {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Close progress bars the failed command left open, so the error line starts a line of its own.
+
+    An open tqdm bar leaves the cursor after its text (it redraws with a carriage return, never a
+    newline); closing it ends that line, and a bar left open would otherwise redraw itself over or
+    after the error when it is garbage-collected.
+    """
+    sys.stdout.flush()
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) if tqdm else ()):
+        try:
+            bar.close()
+        except Exception:  # a bar on a closed stream: nothing left to end
+            pass
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

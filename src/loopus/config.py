@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from typing import Any, Sequence
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .checkpoint import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
 
@@ -14,12 +18,33 @@ class SplitError(ValueError):
     """An encoder / reasoning / decoder split that cannot be built."""
 
 
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """`value` as an int >= `minimum`; refuses bools, floats (no silent truncation of 2.7) and strings."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_num_loops(value: Any) -> int:
+    """A loop budget: an integer >= 1."""
+    return check_int(value, "num_loops", 1)
+
+
 def _as_count(layers: int | Sequence[int], num_layers: int, side: str) -> int:
     """Turn `N` or an explicit index list into a layer count, checking the list is a contiguous edge."""
-    if isinstance(layers, int):
+    if isinstance(layers, bool) or not isinstance(layers, (numbers.Integral, Sequence)) or isinstance(layers, str):
+        raise SplitError(
+            f"{side}_layers must be a layer count (int) or a list of layer indices, got {layers!r} ({type(layers).__name__})"
+        )
+    if isinstance(layers, numbers.Integral):
+        layers = int(layers)
         if layers < 0 or layers > num_layers:
             raise SplitError(f"{side}_layers={layers} is out of range for a model with {num_layers} layers")
         return layers
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers):
+        raise SplitError(f"{side}_layers={list(layers)} must list integer layer indices")
     indices = sorted(int(i) for i in layers)
     if len(set(indices)) != len(indices):
         raise SplitError(f"{side}_layers={list(layers)} repeats a layer index")
@@ -52,6 +77,20 @@ def resolve_split(
             "the reasoning block must keep at least 1 layer"
         )
     return num_encoder, num_decoder
+
+
+def register_peft_defaults() -> None:
+    """PEFT's default LoRA targets for `model_type: loopus`: those of the supported base families.
+
+    A LoopUS model holds its base model's own attention modules, so `LoraConfig(task_type="CAUSAL_LM")`
+    without `target_modules` adapts the same projections it would adapt on the base model.
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora_targets
+
+    targets: list[str] = []
+    for model_type in SUPPORTED_MODEL_TYPES:
+        targets += [t for t in lora_targets.get(model_type, ()) if t not in targets]
+    lora_targets.setdefault(LoopUSConfig.model_type, targets)
 
 
 class LoopUSConfig(PretrainedConfig):
@@ -92,12 +131,30 @@ class LoopUSConfig(PretrainedConfig):
         self.kv_mode = kv_mode
         self.use_cache = use_cache
         super().__init__(**kwargs)
-        if not 0.0 < gate_init < 1.0:
-            raise ValueError(f"gate_init must lie in (0, 1), got {gate_init}")
-        if num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real) or not 0.0 < gate_init < 1.0:
+            raise ValueError(f"gate_init must be a number in (0, 1), got {gate_init!r}")
+        check_num_loops(num_loops)
+        check_int(gate_rank, "gate_rank", 1)
+        check_int(encoder_layers, "encoder_layers", 0)
+        check_int(decoder_layers, "decoder_layers", 0)
         if kv_mode not in ("per_depth", "shared"):
             raise ValueError(f"kv_mode must be 'per_depth' or 'shared', got {kv_mode!r}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "LoopUSConfig":
+        """Refuse, before any model is built, a directory or hub id whose config is not a LoopUS one.
+
+        Without this, a plain checkpoint's config would be read as a LoopUS config with a default
+        (4096-wide, 32-layer) base model, allocating billions of parameters.
+        """
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **dict(kwargs))
+        found = config_dict.get("model_type")
+        if found != cls.model_type:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path} is not a LoopUS checkpoint (its config says model_type "
+                f"{found!r}): convert it first with loopus.convert(...) or `loopus convert`"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def reasoning_range(self) -> range:

@@ -58,17 +58,21 @@ def calibration_text(
     `file` is a path (absolute, or relative to the data dir) to a `.jsonl` file with a `text` field or a
     plain-text file. Without it, the first of `DEFAULT_CALIBRATION` present in the data dir is used:
     held-out Wikipedia (`enwiki/valid.jsonl`), never the WikiText-2 test split used for evaluation.
+    `data` may also be a single `.jsonl`/`.txt` file: then that file is the calibration text (and a
+    relative `file` is looked for next to it).
     """
-    from .paths import data_dir
+    from .paths import data_path
 
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_absolute() and not path.exists():
-            path = data_dir(data) / path
+            root = data_path(data)
+            path = (root.parent if root.is_file() else root) / path
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {file} not found (looked at {path})")
+    elif (root := data_path(data)).is_file():
+        path = root
     else:
-        root = data_dir(data)
         candidates = [root / name for name in DEFAULT_CALIBRATION]
         found = [p for p in candidates if p.is_file()]
         if not found:

@@ -16,10 +16,13 @@ the rule leaves the loop, and the following passes run the reasoning block on th
 only (gathered with `index_select`, written back with `index_copy`), so exited rows do no further
 reasoning-layer work. The output's `loop_passes` counts the passes of every token.
 
-Prefill (a forward with more than one query token, e.g. the prompt in `generate`) runs the full
-budget for every token by default, so the prompt's KV is exact at every depth. With
-`prefill_exit=True` the rule applies to the prompt as well, per sequence: a row stops when all of its
-non-padding tokens have met it.
+The rule applies to decode steps: one query token appended to a cache that already holds the
+sequence so far. Prefill (the prompt in `generate`, whatever its length, or any forward without a
+cache) runs the full budget for every token by default, so the prompt's KV is exact at every depth
+and a prompt gets the same passes alone as in a padded batch. With `prefill_exit=True` the rule
+applies to those forwards as well, per sequence: a row stops when all of its non-padding tokens have
+met it. A forward that asks for adaptive exit where it could never apply (no cache and no
+`prefill_exit`) is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from .cache import LoopKVCache
 from .checkpoint import load_checked
-from .config import LoopUSConfig
+from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD, cache_kwarg
+from .config import LoopUSConfig, check_num_loops
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
 
@@ -112,6 +116,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         self.layer_types, _ = get_layer_types_and_kwargs(config.base_config)
         rotary = self.base.model.rotary_emb
         self._rope_per_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self._layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -174,8 +179,8 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                 config=base_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 position_ids=position_ids,
+                **{MASK_CACHE_KWARG: cache},
             )
             if self._rope_per_layer_type:
                 position_embeddings[layer_type] = rotary(inputs_embeds, position_ids, layer_type)
@@ -193,8 +198,8 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask=ctx.masks[layer_type],
                 position_embeddings=ctx.position_embeddings[layer_type],
                 position_ids=ctx.position_ids,
-                past_key_values=ctx.cache,
                 use_cache=ctx.cache is not None,
+                **{self._layer_cache_kwarg: ctx.cache},
                 **kwargs,
             )
         return hidden
@@ -262,6 +267,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         min_loops: int | None = None,
         prefill_exit: bool = False,
         kv_mode: str | None = None,
+        cache: LoopKVCache | None = None,
         **kwargs: Any,
     ) -> LoopUSCausalLMOutput:
         """Encoder, then up to `num_loops` passes of the reasoning block, then decoder and head.
@@ -269,12 +275,14 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         num_loops: the loop budget (max loops). exit_strategy / exit_threshold / min_loops: per-token
         adaptive exit (`halting.py`); None runs exactly `num_loops` passes. prefill_exit: apply the
         exit rule to multi-token forwards too (per sequence). kv_mode: "per_depth" or "shared" for the
-        cache this call builds (a cache passed in must match).
+        cache this call builds (a cache passed in must match). cache / past_key_values: the KV cache,
+        under either name (transformers >= 5.24 passes `cache`, earlier releases `past_key_values`).
         """
-        num_loops = self.config.num_loops if num_loops is None else int(num_loops)
-        if num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        num_loops = self.config.num_loops if num_loops is None else check_num_loops(num_loops)
         exit_rule = ExitRule.build(exit_strategy, exit_threshold, min_loops, num_loops)
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("two different caches were passed (as `cache` and `past_key_values`): pass one")
+        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -289,6 +297,12 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                     f"LoopUS needs a LoopKVCache (model.new_cache()), got {type(past_key_values).__name__}"
                 )
             past_key_values.check_budget(num_loops, kv_mode)
+        decode_step = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if exit_rule is not None and past_key_values is None and not prefill_exit:
+            raise ValueError(
+                "adaptive exit applies to cached decode steps: this forward has no KV cache, so the rule would "
+                "never fire; pass use_cache=True (generate's default), or prefill_exit=True to apply it here"
+            )
 
         ctx = self.layer_context(inputs_embeds, attention_mask, position_ids, past_key_values)
         if past_key_values is not None:
@@ -299,7 +313,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         # every one of its query tokens has met the exit rule, and later passes run without it.
         batch, seq = state.shape[:2]
         tracker = None
-        if exit_rule is not None and (seq == 1 or prefill_exit):
+        if exit_rule is not None and ((seq == 1 and decode_step) or prefill_exit):
             tracker = ExitTracker(exit_rule, batch, seq, state.device)
         padding = None
         if tracker is not None and attention_mask is not None and attention_mask.dim() == 2:
@@ -357,7 +371,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         return LoopUSCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
+            **{OUTPUT_CACHE_FIELD: past_key_values},
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
             loop_confidences=torch.stack(confidences, dim=-1) if output_loop_states else None,
             gate_coefficients=tuple(gate_coefficients) if output_loop_states else None,
@@ -365,7 +379,23 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """Generation gets a LoopKVCache sized for the requested loop budget instead of a DynamicCache."""
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.new_cache(model_kwargs.get("num_loops"), model_kwargs.get("kv_mode"))
+        """Generation gets a LoopKVCache sized for the requested loop budget instead of a DynamicCache.
+
+        Also refuses the settings under which adaptive exit would silently not apply.
+        """
+        if model_kwargs.get("exit_strategy") is not None:
+            if generation_config.use_cache is False:
+                raise ValueError(
+                    "exit_strategy needs the KV cache: with use_cache=False every step recomputes the whole "
+                    "sequence at the full loop budget; drop use_cache=False or the exit strategy"
+                )
+            if generation_config.prompt_lookup_num_tokens or generation_config.assistant_early_exit:
+                raise ValueError(
+                    "exit_strategy cannot be combined with prompt_lookup_num_tokens / assisted decoding: "
+                    "candidates are verified in multi-token forwards at the full loop budget"
+                )
+        if model_kwargs.get(GENERATION_CACHE_KWARG) is None and generation_config.use_cache is not False:
+            model_kwargs[GENERATION_CACHE_KWARG] = self.new_cache(
+                model_kwargs.get("num_loops"), model_kwargs.get("kv_mode")
+            )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

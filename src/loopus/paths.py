@@ -6,6 +6,27 @@ import os
 from pathlib import Path
 
 DATA_ENV = "LOOPUS_DATA"
+DATA_FILE_SUFFIXES = (".jsonl", ".txt")
+
+
+def data_path(override: str | os.PathLike | None = None) -> Path:
+    """The data setting as given: a data directory or a single `.txt`/`.jsonl` corpus file.
+
+    `override` if given, else `$LOOPUS_DATA`; raises FileNotFoundError when it names nothing usable.
+    """
+    chosen = override if override is not None else os.environ.get(DATA_ENV)
+    if chosen is None:
+        raise FileNotFoundError(f"no data directory given: pass --data DIR or set {DATA_ENV}=DIR")
+    path = Path(chosen).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix not in DATA_FILE_SUFFIXES:
+            raise ValueError(f"unsupported data file {path}: use a .jsonl file (with a text field), a .txt file "
+                             "or a data directory")
+        return path
+    raise FileNotFoundError(f"data path {path} does not exist: pass --data DIR (or a .txt/.jsonl file) or set "
+                            f"{DATA_ENV}=DIR")
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
@@ -14,6 +35,9 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
     if chosen is None:
         raise FileNotFoundError(f"no data directory given: pass --data DIR or set {DATA_ENV}=DIR")
     root = Path(chosen).expanduser()
+    if root.is_file():
+        raise FileNotFoundError(f"data directory {root} is a file, not a directory: pass --data DIR or set "
+                                f"{DATA_ENV}=DIR")
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist: pass --data DIR or set {DATA_ENV}=DIR")
     return root

@@ -9,6 +9,7 @@ Any local Hugging Face checkpoint directory, or a hub id where a hub is reachabl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,14 +69,51 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether `name` is meant as a local path rather than a hub id (`repo` or `namespace/repo`).
+
+    Absolute, `./`, `../` and `~` names are paths; so is any name with a path separator, except the
+    `namespace/repo` shape of a hub id (one separator, no leading dot).
+    """
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    seps = [s for s in (os.sep, os.altsep) if s]
+    prefixes = ("~", *seps, *(d + s for d in (".", "..") for s in seps))
+    if text in (".", "..") or text.startswith(prefixes):
+        return True
+    return any(s in text for s in seps) and not _HUB_ID.fullmatch(text)
+
+
+def check_base_exists(name_or_path: str | os.PathLike) -> None:
+    """Raise FileNotFoundError, naming it, for a base model given as a local path that does not exist."""
+    name = str(name_or_path)
+    if name not in EMBEDDED and looks_like_path(name_or_path) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"base model path {name} does not exist")
+
+
 def load_base(
     name_or_path: str | os.PathLike = DEFAULT_BASE, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a pretrained causal LM and its tokenizer: an embedded name, a local directory or a hub id."""
+    check_base_exists(name_or_path)
     source = resolve(name_or_path)
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
     if Path(source).exists() and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(f"{source} is a directory without config.json: not a Hugging Face checkpoint")
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        if Path(source).exists():
+            raise
+        # not on disk: the name was taken for a hub id and the hub (or its cache) has no such model
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"base model {source!r} is not a local checkpoint directory and could not be "
+                                f"loaded from the hub ({detail})") from err
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()

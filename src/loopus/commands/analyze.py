@@ -36,7 +36,8 @@ def constraints_from(args: argparse.Namespace):
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
+    p.add_argument("--data", default=None,
+                   help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
     p.add_argument(
         "--calibration",
         default=None,

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-init", type=float, default=0.5)
     p.add_argument("--kv-mode", choices=["per_depth", "shared"], default="per_depth")
     g = p.add_argument_group("--split auto: calibration")
-    g.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
+    g.add_argument("--data", default=None,
+                   help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
     g.add_argument("--calibration", default=None, help="calibration file (default: enwiki/valid.jsonl)")
     g.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     add_constraint_arguments(p)
@@ -54,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert
-    from ..zoo import load_base
+    from ..zoo import check_base_exists, load_base
 
+    check_base_exists(args.base)  # a mistyped path is named first, before the other arguments
     if args.split is None and (args.encoder_layers is None or args.decoder_layers is None):
         raise ValueError("give --encoder-layers and --decoder-layers, or --split auto (or --split split.json)")
     if args.split is not None and (args.encoder_layers is not None or args.decoder_layers is not None):

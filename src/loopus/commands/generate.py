@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import is_loopus_checkpoint
+from ..compat import GENERATION_CACHE_KWARG
 from ..halting import STRATEGIES
 from .convert import parse_layers
 
@@ -78,8 +79,9 @@ class LoopStreamer:
     loop-pass count is that of the forward that chose it.
     """
 
-    def __init__(self, tokenizer, cache, show: str, out=sys.stdout):
-        self.tokenizer, self.cache, self.show, self.out = tokenizer, cache, show, out
+    def __init__(self, tokenizer, cache, show: str, out=None):
+        # sys.stdout is read when streaming starts, not at import (it may have been replaced since)
+        self.tokenizer, self.cache, self.show, self.out = tokenizer, cache, show, out or sys.stdout
         self.prompt_seen = False
         self.tokens: list[int] = []
         self.printed = ""
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         model.generate(
             **inputs,
-            past_key_values=cache,
+            **{GENERATION_CACHE_KWARG: cache},
             max_new_tokens=args.max_new_tokens,
             do_sample=args.do_sample,
             streamer=streamer,

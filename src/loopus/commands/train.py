@@ -49,6 +49,8 @@ FLAGS: dict[str, tuple[object, str]] = {
     "corpus": (_strings, "comma list of corpora: NAME, FILE or hf:NAME[:CONFIG], each optionally =WEIGHT"),
     "text_field": (str, "JSONL field holding the text"),
     "seq_len": (int, "tokens per packed sequence"),
+    "packing": (str, "documents (each row inside one document, starting with the tokenizer's BOS; default) "
+                     "or stream (documents concatenated and cut, rows start mid-document)"),
     "batch_size": (int, "sequences per micro-batch per process"),
     "grad_accum": (int, "micro-batches per optimiser step"),
     "max_steps": (int, "optimiser steps"),
@@ -70,6 +72,7 @@ FLAGS: dict[str, tuple[object, str]] = {
     "supervised_max": (int, "most supervised steps |S|"),
     "grad_steps": (int, "k: loop steps with gradient before each supervised step"),
     "supervise_last": (_bool, "always supervise step T (true/false)"),
+    "supervise_first": (_bool, "always supervise loop 1 (true/false)"),
     "beta_mono": (float, "weight of the monotonicity loss"),
     "lambda_conf": (float, "weight of the confidence loss"),
     "conf_margin": (float, "nats an early exit may cost and still count as safe"),

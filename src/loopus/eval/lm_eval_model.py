@@ -273,13 +273,15 @@ class LoopUSLM(HFLM):
                 inps.append(inp)
                 spans.append((inplen - len(continuation_enc), inplen))
                 cont_toks_list.append(continuation_enc)
-            width = max(inp.shape[0] for inp in inps)
+            # Lengths first: pad_and_concat replaces the list's tensors with (1, width) ones in place.
+            lengths = [inp.shape[0] for inp in inps]
+            width = max(lengths)
             batched = pad_and_concat(width, inps, padding_side="right")
             mask = None
-            if self.exit_kwargs:  # right padding must not keep a sequence looping
+            if self.exit_kwargs and min(lengths) < width:  # right padding must not keep a sequence looping
                 mask = torch.zeros_like(batched)
-                for row, inp in enumerate(inps):
-                    mask[row, : inp.shape[0]] = 1
+                for row, length in enumerate(lengths):
+                    mask[row, :length] = 1
             hidden, out = self._forward_hidden(batched, mask)
             self._count_loop_passes(out, [(row, a, b) for row, (a, b) in enumerate(spans)])
 

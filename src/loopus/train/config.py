@@ -35,6 +35,7 @@ class TrainConfig:
     corpus: list[str] = field(default_factory=lambda: ["enwiki"])  # NAME, FILE, hf:NAME[:CONFIG]; "=W" for a weight
     text_field: str = "text"
     seq_len: int = 512
+    packing: str = "documents"           # documents: every row inside one document, BOS-led | stream (legacy)
     batch_size: int = 4                  # sequences per micro-batch per process
     grad_accum: int = 1                  # micro-batches per optimiser step
     val_tokens: int = 16384
@@ -63,6 +64,7 @@ class TrainConfig:
     supervised_max: int = 2
     grad_steps: int = 1                  # k: loop steps run with gradient before each supervised step
     supervise_last: bool = True          # T is always in S (the confidence target needs the final state)
+    supervise_first: bool = False        # loop 1 is always in S (keeps the one-loop model trained every batch)
     beta_mono: float = 0.1
     lambda_conf: float = 0.1
     conf_margin: float = 0.05            # nats: exit is "safe" if it costs at most this much vs. T loops
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError("give the length of the run: --max-steps N or --max-tokens N")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.packing not in ("documents", "stream"):
+            raise ValueError(f"packing must be documents or stream, got {self.packing!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if any(n < 1 for n in self.eval_loops):

@@ -98,16 +98,23 @@ def sample_plan(
     supervised_max: int,
     grad_steps: int = 1,
     supervise_last: bool = True,
+    supervise_first: bool = False,
 ) -> RDSPlan:
-    """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume)."""
+    """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume).
+
+    `supervise_last` / `supervise_first` put step T / step 1 in S every time; the rest of S is drawn
+    from the other steps. Supervising loop 1 every batch keeps the one-loop model (the base model at
+    initialisation) trained on every batch, instead of only when the draw happens to reach it.
+    """
     horizon = int(torch.randint(horizon_min, horizon_max + 1, (1,), generator=generator))
     count = int(torch.randint(supervised_min, supervised_max + 1, (1,), generator=generator))
     count = min(count, horizon)
-    if supervise_last:
-        rest = torch.randperm(horizon - 1, generator=generator)[: count - 1] + 1
-        steps = sorted({horizon, *(int(s) for s in rest)})
-    else:
-        steps = sorted(int(s) + 1 for s in torch.randperm(horizon, generator=generator)[:count])
+    fixed = {horizon} if supervise_last else set()
+    if supervise_first:
+        fixed.add(1)
+    pool = [s for s in range(1, horizon + 1) if s not in fixed]
+    drawn = torch.randperm(len(pool), generator=generator)[: max(0, count - len(fixed))]
+    steps = sorted(fixed | {pool[int(i)] for i in drawn})
     return RDSPlan(horizon, tuple(steps), grad_steps)
 
 

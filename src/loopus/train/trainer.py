@@ -50,8 +50,9 @@ from .params import apply_freeze, apply_lora, count_parameters, enable_gradient_
 from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trainable, load_sharded, shard_model
 
 # a resumed run must agree with its checkpoint on everything that decides the data and the plan
-RESUME_KEYS = ("mode", "corpus", "seq_len", "batch_size", "grad_accum", "seed", "horizon_min", "horizon_max",
-               "supervised_min", "supervised_max", "grad_steps", "supervise_last", "lora_rank", "freeze")
+RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "batch_size", "grad_accum", "seed", "horizon_min",
+               "horizon_max", "supervised_min", "supervised_max", "grad_steps", "supervise_last", "supervise_first",
+               "lora_rank", "freeze")
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,6 +62,10 @@ class TrainingDiverged(RuntimeError):
 def build_model(cfg: TrainConfig, model=None, tokenizer=None):
     """The model to train (LoopUS or the plain base model for dense mode) and its tokenizer."""
     split_given = cfg.encoder_layers is not None and cfg.decoder_layers is not None
+    if model is None:
+        from ..zoo import check_base_exists
+
+        check_base_exists(cfg.model)
     if model is None and cfg.mode == "loopus" and not split_given and not is_loopus_checkpoint(cfg.model):
         raise ValueError(
             f"{cfg.model} is a plain base model: give the split with --encoder-layers N --decoder-layers N "
@@ -92,6 +97,16 @@ def build_model(cfg: TrainConfig, model=None, tokenizer=None):
 
         model = convert(model, cfg.encoder_layers, cfg.decoder_layers, gate_rank=cfg.gate_rank, gate_init=cfg.gate_init)
     return model.float().train(), tokenizer
+
+
+def check_seq_len(cfg: TrainConfig, model) -> None:
+    """Refuse a `seq_len` beyond the positions the base model was built for (before any training work)."""
+    config = model.config
+    config = getattr(config, "base_config", None) or config  # LoopUS wraps the base model's config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.seq_len > limit:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the base model's max_position_embeddings {limit}: "
+                         f"use --seq-len {limit} or less")
 
 
 class Trainer:
@@ -126,6 +141,7 @@ class Trainer:
 
         model, self.tokenizer = build_model(cfg, model, tokenizer)
         self.looped = hasattr(model, "loop_step")
+        check_seq_len(cfg, model)
         split = (cfg.encoder_layers or 0, cfg.decoder_layers or 0)
         apply_freeze(model, cfg.frozen, *split)
         if cfg.gradient_checkpointing:
@@ -151,7 +167,7 @@ class Trainer:
             with acc.main_process_first():
                 data = build_data(self.tokenizer, cfg.corpus, cfg.data, cfg.seq_len, rows,
                                   max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
-                                  cfg.val_fraction)
+                                  cfg.val_fraction, cfg.packing)
         self.data = data
         self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule,
@@ -242,6 +258,7 @@ class Trainer:
         missing = sorted(set(wanted) - set(ckpt["trainable"]))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks trained weights {missing[:3]} ({len(missing)} in all)")
+        peaks = [group["initial_lr"] for group in self.optimizer.param_groups]  # this run's peak lrs
         if self.sharded:
             load_sharded(self.module, self.optimizer, {k: ckpt["trainable"][k] for k in wanted}, ckpt["optimizer"])
         else:
@@ -251,10 +268,48 @@ class Trainer:
                         p.copy_(ckpt["trainable"][name].to(p.device, p.dtype))
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._rebase_schedule(peaks, saved)
         if ckpt["rng"] is not None:
             set_rng_state(ckpt["rng"])
         self.step = int(ckpt["state"]["step"])
         self.tokens = int(ckpt["state"]["tokens"])
+
+    def _rebase_schedule(self, peaks: list[float], saved: dict[str, Any]) -> None:
+        """Make this run's lr settings take effect after the optimiser and scheduler state brought back the old.
+
+        The schedule is re-based to this run's peak lrs (`peaks`, one per param group) at the restored
+        step; with the checkpoint's own settings this recomputes the restored values exactly.
+        """
+        cfg = self.cfg
+        groups, scheduler = self.optimizer.param_groups, self.scheduler
+        if len(peaks) != len(groups) or len(scheduler.base_lrs) != len(groups):
+            raise ValueError(f"cannot resume: the checkpoint's optimiser has {len(groups)} param groups, this run "
+                             f"builds {len(peaks)}")
+        before = [group["lr"] for group in groups]
+        scheduler.base_lrs = list(peaks)
+        now = [peak * factor(scheduler.last_epoch) for peak, factor in zip(peaks, scheduler.lr_lambdas)]
+        for group, peak, lr in zip(groups, peaks, now):
+            group["initial_lr"] = peak
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        scheduler._last_lr = [float(group["lr"]) for group in groups]
+        old_lr, old_mult = saved.get("lr", cfg.lr), saved.get("new_module_lr_mult", cfg.new_module_lr_mult)
+        if (old_lr, old_mult) != (cfg.lr, cfg.new_module_lr_mult) or before != now:
+            if old_lr != cfg.lr:
+                message = f"resuming with lr {cfg.lr} (checkpoint had {old_lr})"
+            elif old_mult != cfg.new_module_lr_mult:
+                message = (f"resuming with new-module lr multiplier {cfg.new_module_lr_mult} (checkpoint had "
+                           f"{old_mult})")
+            else:
+                message = "resuming with this run's schedule settings"
+            message += (f": schedule re-based, lr at step {scheduler.last_epoch} is {now[0]:.6g} "
+                        f"(checkpoint had {float(before[0]):.6g})")
+            if self.is_main:
+                print(message, flush=True)
+            self.log({"step": scheduler.last_epoch, "event": "lr_rebased", "message": message,
+                      "lr": cfg.lr, "checkpoint_lr": old_lr, "group_lrs": now})
 
     # -- one optimiser step -------------------------------------------------------------------------
 
@@ -271,7 +326,7 @@ class Trainer:
             if self.looped:
                 generator = torch.Generator().manual_seed(cfg.seed * 7919 + index)
                 plan = sample_plan(generator, cfg.horizon_min, cfg.horizon_max, cfg.supervised_min,
-                                   cfg.supervised_max, cfg.grad_steps, cfg.supervise_last)
+                                   cfg.supervised_max, cfg.grad_steps, cfg.supervise_last, cfg.supervise_first)
                 metrics = rds_step(self.core, inputs, labels, plan, beta_mono=cfg.beta_mono,
                                    lambda_conf=cfg.lambda_conf, conf_margin=cfg.conf_margin, **common)
             else:
