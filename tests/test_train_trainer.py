@@ -239,6 +239,17 @@ def test_cli_with_config_file_and_dense_mode(tmp_path, corpus, tiny_dir, capsys)
     assert type(AutoModelForCausalLM.from_pretrained(dense)).__name__ == "Gemma3ForCausalLM"
 
 
+def test_dense_from_a_loopus_model_freezes_the_same_encoder_layers(tmp_path, corpus, packed):
+    """The dense baseline trains the layers LoopUS trains: --freeze encoder uses the LoopUS split."""
+    cfg = config(tmp_path / "d", corpus, mode="dense", max_steps=1, freeze=["embeddings", "encoder"])
+    trainer = Trainer(cfg, model=tiny_loopus("llama", encoder=2), tokenizer=char_tokenizer(), data=packed)
+    encoder = cfg.encoder_layers
+    assert encoder == 2  # read from the LoopUS model's split
+    trains = {n: p.requires_grad for n, p in trainer.module.named_parameters()}
+    assert trains and all(not t for n, t in trains.items() if any(f"layers.{i}." in n for i in range(encoder)))
+    assert any(t for n, t in trains.items() if f"layers.{encoder}." in n)
+
+
 def test_cli_errors_are_one_line(tmp_path, corpus, tiny_dir, capsys):
     code = cli_main(["train", "--model", str(tiny_dir), "--data", str(corpus), "--out", str(tmp_path / "x"),
                      "--max-steps", "1", "--corpus", "tiny"])

@@ -235,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
         if not available["train"][0]:
             progress.end(stage, "unavailable", t, available["train"][1])
             continue
-        metrics = stage_train(source, out / f"train-{mode}", mode, data, train_settings)
+        # the dense baseline gets the split too, so --freeze encoder freezes the same layers as in LoopUS
+        settings = {**train_settings, "encoder_layers": split[0], "decoder_layers": split[1]}
+        metrics = stage_train(source, out / f"train-{mode}", mode, data, settings)
         report.setdefault("training", {})[mode] = metrics
         if mode == "loopus":
             loopus_dir = out / f"train-{mode}"

@@ -86,6 +86,9 @@ def build_model(cfg: TrainConfig, model=None, tokenizer=None):
             tokenizer = tokenizer or loaded_tokenizer
     looped = hasattr(model, "loop_step")
     if cfg.mode == "dense" and looped:
+        # the dense baseline trains the same layers as LoopUS: keep the split for --freeze encoder/decoder
+        if not split_given:
+            cfg.encoder_layers, cfg.decoder_layers = model.config.encoder_layers, model.config.decoder_layers
         model = model.base
     elif cfg.mode == "loopus" and not looped:
         if cfg.encoder_layers is None or cfg.decoder_layers is None:
