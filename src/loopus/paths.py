@@ -9,15 +9,20 @@ DATA_ENV = "LOOPUS_DATA"
 DATA_FILE_SUFFIXES = (".jsonl", ".txt")
 
 
+def _setting(override: str | os.PathLike | None) -> Path:
+    """`override` if given, else `$LOOPUS_DATA`, as a path (not yet checked)."""
+    chosen = override if override is not None else os.environ.get(DATA_ENV)
+    if chosen is None:
+        raise FileNotFoundError(f"no data directory given: pass --data DIR or set {DATA_ENV}=DIR")
+    return Path(chosen).expanduser()
+
+
 def data_path(override: str | os.PathLike | None = None) -> Path:
     """The data setting as given: a data directory or a single `.txt`/`.jsonl` corpus file.
 
     `override` if given, else `$LOOPUS_DATA`; raises FileNotFoundError when it names nothing usable.
     """
-    chosen = override if override is not None else os.environ.get(DATA_ENV)
-    if chosen is None:
-        raise FileNotFoundError(f"no data directory given: pass --data DIR or set {DATA_ENV}=DIR")
-    path = Path(chosen).expanduser()
+    path = _setting(override)
     if path.is_dir():
         return path
     if path.is_file():
@@ -31,10 +36,7 @@ def data_path(override: str | os.PathLike | None = None) -> Path:
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
     """The data directory: `override` if given, else `$LOOPUS_DATA`."""
-    chosen = override if override is not None else os.environ.get(DATA_ENV)
-    if chosen is None:
-        raise FileNotFoundError(f"no data directory given: pass --data DIR or set {DATA_ENV}=DIR")
-    root = Path(chosen).expanduser()
+    root = _setting(override)
     if root.is_file():
         raise FileNotFoundError(f"data directory {root} is a file, not a directory: pass --data DIR or set "
                                 f"{DATA_ENV}=DIR")

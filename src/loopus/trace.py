@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .config import check_num_loops
+
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
     if tokenizer is None:
@@ -50,8 +52,7 @@ def trace_loops(
     where states point rather than how their norm grows (residual norms grow several-fold per loop in
     an untrained model and would otherwise fill the first component).
     """
-    if num_loops < 1:
-        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    check_num_loops(num_loops)
     if (prompt is None) == (input_ids is None):
         raise ValueError("pass exactly one of prompt or input_ids")
     if prompt is not None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import loopus  # noqa: F401  (registers LoopUS with AutoConfig / AutoModelForCausalLM)
 
+from ..config import check_num_loops
 from ..modeling import LoopUSForCausalLM
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ class LoopUSLM(HFLM):
                 f"--model loopus needs a LoopUS checkpoint, got {type(self.model).__name__}: "
                 "evaluate a base model with --model hf, or convert it first (loopus convert)"
             )
-        self.num_loops = int(num_loops) if num_loops is not None else int(self.model.config.num_loops)
-        if self.num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {self.num_loops}")
+        if num_loops is None:
+            num_loops = self.model.config.num_loops
+        self.num_loops = check_num_loops(int(num_loops) if isinstance(num_loops, str) else num_loops)
         self.lm_head_chunk = int(lm_head_chunk)
         exit_args = {"exit_strategy": exit_strategy, "exit_threshold": exit_threshold, "min_loops": min_loops}
         self.exit_kwargs = {k: v for k, v in exit_args.items() if v is not None}
