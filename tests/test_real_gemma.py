@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -74,3 +75,21 @@ def test_a_near_identity_gate_makes_every_loop_count_start_as_the_base(gemma, da
     default = loopus.convert(base, 6, 3)  # the paper-style share of 0.5 drifts far at 8 loops
     drifting = per_loop_perplexity(default, tokenizer, text, loops=(8,), max_tokens=512, window=256, progress=False)
     assert drifting[8]["ppl"] > 1.5 * result[1]["ppl"]
+
+
+def test_depth_adapters_leave_one_loop_exactly_the_base(gemma):
+    """Depth-wise LoRA acts from loop 2 on: with adapters that change the model, one loop is still the base."""
+    base, tokenizer = gemma
+    base_copy = copy.deepcopy(base)  # convert shares (and here adapts) the base model's layers
+    model = loopus.convert(base_copy, 6, 3, gate_init=0.02, depth_lora_rank=8).eval()
+    batch = tokenizer(["The capital of France is", "A looped transformer"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = base(**batch).logits
+        two_before = model(**batch, num_loops=2, use_cache=False).logits
+        torch.manual_seed(0)
+        for p in model.depth_adapter_parameters():
+            p.normal_(std=0.05)
+        assert torch.equal(model(**batch, num_loops=1, use_cache=False).logits, expected)
+        two_after = model(**batch, num_loops=2, use_cache=False).logits
+    mask = batch["attention_mask"].bool()
+    assert (two_after - two_before)[mask].abs().max() > 1e-2

@@ -60,7 +60,14 @@ def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, mo
     # base and dense through lm-eval's hf model, LoopUS (the trained dir) at every loop count
     assert {"base", "dense", "loopus (loops=1)", "loopus (loops=2)"} <= set(report["results"])
     assert report["results"]["base"]["arc_easy"]["acc"] == report["results"]["loopus (loops=1)"]["arc_easy"]["acc"]
-    assert set(report["wikitext2_per_loop_perplexity"]) == {"1", "2"}
+    held_out = report["held_out_perplexity"]
+    assert set(held_out) == {"enwiki", "eltec_eng", "wikitext2"}
+    for corpus in held_out.values():  # base and dense at one loop, LoopUS at every loop count
+        assert set(corpus) == {"base", "dense", "loopus"}
+        assert set(corpus["base"]) == set(corpus["dense"]) == {"1"} and set(corpus["loopus"]) == {"1", "2"}
+        # the stub trained nothing: one loop of LoopUS and the dense copy score exactly as the base
+        assert corpus["loopus"]["1"]["nll"] == corpus["dense"]["1"]["nll"] == corpus["base"]["1"]["nll"]
+        assert corpus["base"]["1"]["tokens"] == 2048
     assert "Base vs dense vs LoopUS" in (out / "report.md").read_text()
     assert (out / "eval" / "metric_vs_loops.png").exists() and (out / "eval" / "compute_vs_quality.png").exists()
     points = json.loads((out / "eval" / "report.json").read_text())["points"]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from loopus.checkpoint import check_model_dir
 from loopus.cli import main as cli_main
 from loopus.train import TrainConfig, Trainer, TrainingDiverged
-from loopus.train.checkpointing import list_checkpoints, load_checkpoint
+from loopus.train.checkpointing import STATE_FILE, list_checkpoints, load_checkpoint
 from loopus.train.data import build_data
 from test_train_helpers import char_tokenizer, tiny_base, tiny_loopus, write_corpus
 
@@ -57,12 +57,18 @@ def test_loss_falls_on_a_tiny_model(tmp_path, corpus):
     assert type(model).__name__ == "LoopUSForCausalLM"
 
 
-def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed):
+@pytest.mark.parametrize("recipe", [
+    {},
+    # depth-wise adapters and the KL term to a frozen copy of the model as it was before training
+    {"depth_lora_rank": 4, "kl_base": 1.0, "supervise_first": True},
+], ids=["rds", "depth-adapters-kl"])
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed, recipe):
     tok = char_tokenizer()
-    straight = Trainer(config(tmp_path / "a", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    straight = Trainer(config(tmp_path / "a", corpus, **recipe), model=tiny_loopus("llama"), tokenizer=tok,
+                       data=packed)
     straight.train()
 
-    killed = Trainer(config(tmp_path / "b", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    killed = Trainer(config(tmp_path / "b", corpus, **recipe), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
 
     def kill_mid_step(module, args):
         if killed.step == 4 and killed.optimizer.state:  # inside optimiser step 5, after checkpoint 4
@@ -74,8 +80,8 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed):
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002", "step-00000004"]
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
-    resumed = Trainer(config(tmp_path / "b", corpus, resume=True), model=tiny_loopus("llama"), tokenizer=tok,
-                      data=packed)
+    resumed = Trainer(config(tmp_path / "b", corpus, resume=True, **recipe), model=tiny_loopus("llama"),
+                      tokenizer=tok, data=packed)
     resumed.train()
     assert resumed.step == straight.step == 6
     a, b = straight.core.state_dict(), resumed.core.state_dict()
@@ -83,8 +89,8 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # and it really trained
-    assert not torch.equal(a["base.model.layers.2.mlp.up_proj.weight"],
-                           tiny_loopus("llama").state_dict()["base.model.layers.2.mlp.up_proj.weight"])
+    assert not torch.equal(a["base.model.layers.5.mlp.up_proj.weight"],
+                           tiny_loopus("llama").state_dict()["base.model.layers.5.mlp.up_proj.weight"])
 
 
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path, corpus, packed):
@@ -125,6 +131,23 @@ def test_resume_refuses_changed_settings(tmp_path, corpus, packed):
                       tokenizer=tok, data=packed)
     with pytest.raises(ValueError, match="seed"):
         changed.train()
+
+
+def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path, corpus, packed):
+    tok = char_tokenizer()
+    Trainer(config(tmp_path / "o", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()
+    state_file = list_checkpoints(tmp_path / "o")[-1] / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["depth_lora_rank"]  # as written before the option existed
+    state_file.write_text(json.dumps(state))
+    resumed = Trainer(config(tmp_path / "o", corpus, max_steps=4, resume=True), model=tiny_loopus("llama"),
+                      tokenizer=tok, data=packed)
+    resumed.train()
+    assert resumed.step == 4
+    adapted = Trainer(config(tmp_path / "o", corpus, max_steps=5, resume=True, depth_lora_rank=4),
+                      model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    with pytest.raises(ValueError, match="depth_lora_rank"):
+        adapted.train()
 
 
 def test_nan_stops_cleanly_and_the_last_checkpoint_loads(tmp_path, corpus, packed):

@@ -104,6 +104,10 @@ class LoopUSConfig(PretrainedConfig):
         gate_rank: bottleneck width of the selective gate.
         gate_init: the gate's mixing coefficient at initialisation (share of the new state taken).
         kv_mode: "per_depth" keeps one KV per reasoning layer and loop depth; "shared" keeps one per layer.
+        depth_lora_rank: rank of the depth-wise LoRA adapters (PEFT) on the reasoning block's linear
+            layers, active from loop 2 on (0: none). Loop 1 runs without them, so one loop stays
+            the base model; their B matrices start at zero, so every loop count does too.
+        depth_lora_alpha: LoRA scaling numerator of those adapters (the update is scaled by alpha / rank).
         use_cache: whether inference forwards build a KV cache by default.
     """
 
@@ -119,6 +123,8 @@ class LoopUSConfig(PretrainedConfig):
         gate_rank: int = 64,
         gate_init: float = 0.5,
         kv_mode: str = "per_depth",
+        depth_lora_rank: int = 0,
+        depth_lora_alpha: float = 32.0,
         use_cache: bool = True,
         **kwargs: Any,
     ):
@@ -129,12 +135,17 @@ class LoopUSConfig(PretrainedConfig):
         self.gate_rank = gate_rank
         self.gate_init = gate_init
         self.kv_mode = kv_mode
+        self.depth_lora_rank = depth_lora_rank
+        self.depth_lora_alpha = depth_lora_alpha
         self.use_cache = use_cache
         super().__init__(**kwargs)
         if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real) or not 0.0 < gate_init < 1.0:
             raise ValueError(f"gate_init must be a number in (0, 1), got {gate_init!r}")
         check_num_loops(num_loops)
         check_int(gate_rank, "gate_rank", 1)
+        check_int(depth_lora_rank, "depth_lora_rank", 0)
+        if isinstance(depth_lora_alpha, bool) or not isinstance(depth_lora_alpha, numbers.Real) or depth_lora_alpha <= 0:
+            raise ValueError(f"depth_lora_alpha must be a positive number, got {depth_lora_alpha!r}")
         check_int(encoder_layers, "encoder_layers", 0)
         check_int(decoder_layers, "decoder_layers", 0)
         if kv_mode not in ("per_depth", "shared"):

@@ -84,6 +84,8 @@ def convert(
     gate_rank: int = 64,
     gate_init: float = 0.5,
     kv_mode: str = "per_depth",
+    depth_lora_rank: int = 0,
+    depth_lora_alpha: float = 32.0,
 ) -> LoopUSForCausalLM:
     """Wrap `base_model` as encoder (first layers) -> looped reasoning block -> decoder (last layers).
 
@@ -94,6 +96,7 @@ def convert(
     is the same as `split="auto"`. An automatic choice is kept on the model as `model.split_analysis`.
     `base_model` may also be an embedded name, a checkpoint directory or a hub id. The returned model
     shares the base model's modules: with `num_loops=1` it computes exactly the base model.
+    `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
     if isinstance(encoder_layers, str):
         if encoder_layers != "auto":
@@ -129,6 +132,8 @@ def convert(
         gate_rank=gate_rank,
         gate_init=gate_init,
         kv_mode=kv_mode,
+        depth_lora_rank=depth_lora_rank,
+        depth_lora_alpha=depth_lora_alpha,
         tie_word_embeddings=base_model.config.tie_word_embeddings,
         bos_token_id=base_model.config.bos_token_id,
         eos_token_id=base_model.config.eos_token_id,

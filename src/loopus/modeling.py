@@ -39,10 +39,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from .adapters import adapters_disabled, depth_adapter_layers, inject_depth_adapters
 from .cache import LoopKVCache
 from .checkpoint import load_checked
 from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD, cache_kwarg
-from .config import LoopUSConfig, check_num_loops
+from .config import LoopUSConfig, check_int, check_num_loops
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
 
@@ -117,7 +118,33 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         rotary = self.base.model.rotary_emb
         self._rope_per_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         self._layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
+        self._depth_tuners: list[nn.Module] = []
+        if config.depth_lora_rank > 0:
+            self._inject_depth_adapters()
         self.post_init()
+
+    def add_depth_adapters(self, rank: int, alpha: float | None = None) -> None:
+        """Give the reasoning block depth-wise LoRA adapters that act from loop 2 on (see `loopus.adapters`)."""
+        if self.config.depth_lora_rank:
+            raise ValueError(f"this model already has depth adapters (rank {self.config.depth_lora_rank})")
+        self.config.depth_lora_rank = check_int(rank, "depth_lora_rank", 1)
+        if alpha is not None:
+            self.config.depth_lora_alpha = float(alpha)
+        self._inject_depth_adapters()
+
+    def depth_adapter_parameters(self) -> list[nn.Parameter]:
+        """The depth-wise adapters' own weights (not those of the layers they wrap)."""
+        return [p for m in self._depth_tuners for n, p in m.named_parameters() if not n.startswith("base_layer.")]
+
+    def _inject_depth_adapters(self) -> None:
+        indices = list(self.config.reasoning_range)
+        layers = [self.layers[i] for i in indices]
+        inject_depth_adapters(self, layers, [f"base.model.layers.{i}" for i in indices],
+                              self.config.depth_lora_rank, self.config.depth_lora_alpha)
+        self._depth_tuners = depth_adapter_layers(layers)
+        for module in self._depth_tuners:  # PEFT initialised them (B = 0): post_init must not redo it
+            for sub in module.modules():
+                sub._is_hf_initialized = True
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (SelectiveGate, ConfidenceHead)):
@@ -218,9 +245,11 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         if ctx.cache is not None:
             ctx.cache.depth = depth
             ctx.cache.active_rows = ctx.rows
-        proposal = self.run_layers(state, self.config.reasoning_range, ctx, **kwargs)
         if depth == 0:
-            return proposal, None
+            # the first pass is the base model's block: no gate, and no depth-wise adapters
+            with adapters_disabled(self._depth_tuners):
+                return self.run_layers(state, self.config.reasoning_range, ctx, **kwargs), None
+        proposal = self.run_layers(state, self.config.reasoning_range, ctx, **kwargs)
         return self.gate(proposal, state)
 
     def decode(self, state: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:

@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-rank", type=int, default=64)
     p.add_argument("--gate-init", type=float, default=0.5)
     p.add_argument("--kv-mode", choices=["per_depth", "shared"], default="per_depth")
+    p.add_argument("--depth-lora-rank", type=int, default=0,
+                   help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
+    p.add_argument("--depth-lora-alpha", type=float, default=32.0, help="LoRA alpha of the depth-wise adapters")
     g = p.add_argument_group("--split auto: calibration")
     g.add_argument("--data", default=None,
                    help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.split is not None and (args.encoder_layers is not None or args.decoder_layers is not None):
         raise ValueError("give either --split or --encoder-layers/--decoder-layers, not both")
     base, tokenizer = load_base(args.base)
-    options = dict(num_loops=args.num_loops, gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode)
+    options = dict(num_loops=args.num_loops, gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
+                   depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha)
     if args.split is not None:
         model = convert(
             base,

@@ -35,7 +35,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "loops": [1, 4],
         "exit_strategy": "threshold",
         "thresholds": [0.9],
-        "ppl_tokens": 1024,
+        "ppl_tokens": 2048,
         "batch_size": 8,
     },
     "full": {
@@ -155,10 +155,37 @@ def stage_evaluate(models: dict[str, tuple[str, Path]], tasks: list[str], limit,
     return table, sweeps
 
 
-def stage_perplexity(model, tokenizer, text: str, loops: list[int], tokens: int | None) -> dict:
-    from loopus.eval.perplexity import per_loop_perplexity
+def stage_held_out(models: dict[str, Path], tokenizer, split: tuple[int, int], loops: list[int],
+                   tokens: int | None, data: str) -> dict:
+    """Held-out perplexity ± standard error of each model: {corpus: {label: {loops: scores}}}.
 
-    return per_loop_perplexity(model, tokenizer, text, loops, max_tokens=tokens)
+    Every held-out document is scored in BOS-led 512-token windows (the regime the model is used in).
+    A plain model is recast with the run's split and scored at one loop, which is exactly the model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loopus import convert
+    from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
+
+    documents = {corpus: held_out_documents(corpus, data) for corpus in HELD_OUT}
+    result: dict[str, dict] = {corpus: {} for corpus in HELD_OUT}
+    for label, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        counts = loops if hasattr(model, "loop_step") else [1]
+        if not hasattr(model, "loop_step"):
+            model = convert(model, *split).eval()
+        for corpus, docs in documents.items():
+            scores = per_loop_perplexity(model, tokenizer, docs, counts, max_tokens=tokens)
+            result[corpus][label] = {str(n): v for n, v in scores.items()}
+    return result
+
+
+def held_out_rows(held_out: dict) -> list[dict]:
+    return [{"corpus": corpus, "model": label, "num_loops": n, "ppl": round(v["ppl"], 3),
+             "se": round(v["ppl"] * v["nll_se"], 3), "tokens": v["tokens"]}
+            for corpus, by_model in held_out.items() for label, by_loops in by_model.items()
+            for n, v in by_loops.items()]
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -170,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import register_lm_eval
     from ..eval.harness import write_eval_report
     from ..eval.report import markdown_table, metric_rows, write_json
-    from ..paths import data_dir, data_file
+    from ..paths import data_dir
     from ..zoo import load_base, resolve
 
     profile = PROFILES[args.profile]
@@ -265,12 +292,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 6. report
     t = progress.begin("report", f"JSON, markdown and plots into {out}")
-    from ..modeling import LoopUSForCausalLM
-
-    trained = LoopUSForCausalLM.from_pretrained(loopus_dir).eval()
-    text = data_file("wikitext2/wiki.test.raw", data).read_text()
-    ppl = stage_perplexity(trained, tokenizer, text, loops, profile["ppl_tokens"])
-    report["wikitext2_per_loop_perplexity"] = {str(k): v for k, v in ppl.items()}
+    scored = {"base": Path(base_dir), **({"dense": dense_dir} if dense_dir is not None else {}), "loopus": loopus_dir}
+    held_out = stage_held_out(scored, tokenizer, split, loops, profile["ppl_tokens"], data)
+    report["held_out_perplexity"] = held_out
     sweep = sweeps.get("loopus", {"loops": {}, "points": []})
     write_eval_report(out / "eval", {"settings": {"model": args.model, "profile": args.profile, "limit": limit},
                             **sweep, "notes": report["notes"]}, f"LoopUS run: {args.model}")
@@ -282,8 +306,9 @@ def run(args: argparse.Namespace) -> int:
         md += ["\n## Unavailable stages\n"] + [f"- **{s}**: {why}" for s, why in report["unavailable"].items()]
     if table:
         md += ["\n## Base vs dense vs LoopUS (lm-eval)\n", markdown_table(metric_rows(table))]
-    md += ["\n## WikiText-2 perplexity per loop (loopus.eval.perplexity, disjoint 512-token windows)\n",
-           markdown_table([{"num_loops": k, **v} for k, v in ppl.items()])]
+    md += [f"\n## Held-out perplexity (BOS-led 512-token windows inside each document, first "
+           f"{profile['ppl_tokens'] or 'all'} tokens per corpus; se across windows)\n",
+           markdown_table(held_out_rows(held_out))]
     md += ["\n## Notes\n"] + [f"- {n}" for n in report["notes"]]
     md += ["\nPlots: eval/metric_vs_loops.png, eval/compute_vs_quality.png (details: eval/report.md)" + (", analyze/dynamics.png" if "analysis" in report else "")]
     (out / "report.md").write_text("\n".join(md) + "\n")

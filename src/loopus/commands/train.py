@@ -42,6 +42,9 @@ FLAGS: dict[str, tuple[object, str]] = {
     "lora_rank": (int, "> 0: train LoRA adapters (PEFT) of this rank instead of full weights"),
     "lora_alpha": (float, "LoRA alpha"),
     "lora_dropout": (float, "LoRA dropout"),
+    "depth_lora_rank": (int, "> 0: depth-wise LoRA adapters (PEFT) on the reasoning block, active from loop 2 on, "
+                             "so one loop stays the base model"),
+    "depth_lora_alpha": (float, "LoRA alpha of the depth-wise adapters"),
     "gradient_checkpointing": (_bool, "recompute decoder layers in the backward (true/false)"),
     "precision": (str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
     "fsdp": (_bool, "shard weights, gradients and optimiser state across processes with FSDP2 (true/false); "
@@ -61,6 +64,7 @@ FLAGS: dict[str, tuple[object, str]] = {
     "threads": (int, "torch CPU threads (0: default)"),
     "lr": (float, "peak learning rate"),
     "new_module_lr_mult": (float, "lr multiplier for the new gate and confidence head"),
+    "adapter_lr_mult": (float, "lr multiplier for the depth-wise adapters"),
     "min_lr_ratio": (float, "final lr / peak lr"),
     "weight_decay": (float, "AdamW weight decay (matrices only)"),
     "warmup_steps": (int, "linear warm-up, in optimiser steps"),
@@ -76,6 +80,7 @@ FLAGS: dict[str, tuple[object, str]] = {
     "beta_mono": (float, "weight of the monotonicity loss"),
     "lambda_conf": (float, "weight of the confidence loss"),
     "conf_margin": (float, "nats an early exit may cost and still count as safe"),
+    "kl_base": (float, "weight of KL(base model || loop 1) (needs --supervise-first true)"),
     "ce_chunk": (int, "positions per cross-entropy chunk"),
     "log_every": (int, "log every N optimiser steps"),
     "eval_every": (int, "validate every N steps (0: before and after only)"),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("loopus", "dense")
-FREEZABLE = ("embeddings", "encoder", "reasoning", "gate", "decoder", "head", "confidence")
+FREEZABLE = ("embeddings", "encoder", "reasoning", "adapters", "gate", "decoder", "head", "confidence")
 
 
 @dataclass
@@ -26,6 +26,8 @@ class TrainConfig:
     lora_rank: int = 0                   # > 0: LoRA adapters (PEFT) on the trainable transformer layers
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    depth_lora_rank: int = 0             # > 0: depth-wise LoRA on the reasoning block, active from loop 2 on
+    depth_lora_alpha: float = 32.0
     gradient_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False                   # shard with FSDP2 (also on when accelerate's config says FSDP)
@@ -50,6 +52,7 @@ class TrainConfig:
     # optimiser and schedule (all counted in optimiser steps)
     lr: float = 1e-4
     new_module_lr_mult: float = 1.0      # lr multiplier for the new gate and confidence head
+    adapter_lr_mult: float = 1.0         # lr multiplier for the depth-wise adapters
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -68,6 +71,7 @@ class TrainConfig:
     beta_mono: float = 0.1
     lambda_conf: float = 0.1
     conf_margin: float = 0.05            # nats: exit is "safe" if it costs at most this much vs. T loops
+    kl_base: float = 0.0                 # weight of KL(base || model) at loop 1 (needs supervise_first)
     ce_chunk: int = 256                  # positions per cross-entropy chunk (caps live logits)
 
     # logging, validation, checkpoints
@@ -118,6 +122,20 @@ class TrainConfig:
             raise ValueError(f"packing must be documents or stream, got {self.packing!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.depth_lora_rank < 0:
+            raise ValueError(f"depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
+        if self.depth_lora_rank > 0 and self.mode == "dense":
+            raise ValueError("depth-wise adapters act from loop 2 on: they need --mode loopus")
+        if self.depth_lora_rank > 0 and self.lora_rank > 0:
+            raise ValueError("choose one kind of adapter: --lora-rank (every loop) or --depth-lora-rank "
+                             "(loop 2 on), not both")
+        if self.depth_lora_rank > 0 and (self.gradient_checkpointing or self.fsdp):
+            raise ValueError("depth-wise adapters are switched per loop, which activation checkpointing "
+                             "and FSDP do not replay: drop --gradient-checkpointing/--fsdp")
+        if self.kl_base < 0:
+            raise ValueError(f"kl_base must be >= 0, got {self.kl_base}")
+        if self.kl_base > 0 and (self.mode != "loopus" or not self.supervise_first):
+            raise ValueError("--kl-base is a loop-1 term: it needs --mode loopus and --supervise-first true")
         if any(n < 1 for n in self.eval_loops):
             raise ValueError(f"eval loop counts must be >= 1, got {self.eval_loops}")
 
@@ -138,6 +156,12 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
         return out
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every option's default value."""
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":

@@ -18,7 +18,12 @@ Losses at a supervised step t (prev = the previous supervised step):
     L_LM(t)   = mean next-token cross entropy of the decoder at h_t
     L_mono(t) = relu(L_LM(t) - L_LM(prev).detach())    (0 at the first supervised step)
     L_Q       = mean over t in S (except the deepest) of BCE(q_t, y_t)
-    total     = sum_t (L_LM(t) + beta * L_mono(t)) / |S|  +  lambda * L_Q
+    L_KL      = mean over tokens of KL(p_base || p_1)       (loop 1 only, with a reference model)
+    total     = sum_t (L_LM(t) + beta * L_mono(t)) / |S|  +  kl * L_KL / |S|  +  lambda * L_Q
+
+**Keeping the base.** `reference` is a frozen copy of the model before training; its loop-1
+distribution is the base model's. The KL term pulls the trained model's one-loop prediction toward
+it, so continued training on a narrow corpus does not wash out what the base knew.
 
 **The confidence target.** At inference a token leaves the loop when its confidence q_t passes a
 threshold, and from then on its prediction is the one made from h_t. Exiting is *useful* when it
@@ -151,6 +156,7 @@ class ChunkedCE:
     nll: torch.Tensor        # (count,) per-token NLL, detached
     pred: torch.Tensor       # (count,) argmax token per valid position
     valid: torch.Tensor      # (batch, seq) bool mask of the positions scored
+    kl_sum: torch.Tensor | None = None  # sum of per-token KL(reference || model), with `reference`
 
 
 def chunked_cross_entropy(
@@ -158,38 +164,50 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk: int = 1024,
+    reference: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> ChunkedCE:
     """Next-token CE of `hidden` (batch, seq, hidden; already aligned with `labels`) without full logits.
 
     Each chunk of `chunk` positions is projected to the vocabulary inside a non-reentrant
     checkpoint: in the forward only its loss, NLLs and argmax survive; in the backward its logits
-    are recomputed one chunk at a time. Positions labelled -100 are skipped entirely.
+    are recomputed one chunk at a time. Positions labelled -100 are skipped entirely. With
+    `reference` = (hidden states of a reference model, its logits function), the KL divergence
+    KL(reference || model) per position is summed too, chunk by chunk in the same way.
     """
     valid = labels != IGNORE_INDEX
     flat = hidden[valid]
     targets = labels[valid]
+    ref_flat = reference[0][valid].detach() if reference is not None else None
     needs_grad = torch.is_grad_enabled() and flat.requires_grad
 
-    def piece(h: torch.Tensor, y: torch.Tensor):
+    def piece(h: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None):
         logits = logits_fn(h).float()
         nll = F.cross_entropy(logits, y, reduction="none")
-        return nll.sum(), nll.detach(), logits.argmax(-1)
+        if r is None:
+            return nll.sum(), nll.detach(), logits.argmax(-1)
+        with torch.no_grad():
+            ref_logprobs = torch.log_softmax(reference[1](r).float(), dim=-1)
+        kl = F.kl_div(torch.log_softmax(logits, dim=-1), ref_logprobs, log_target=True, reduction="sum")
+        return nll.sum(), nll.detach(), logits.argmax(-1), kl
 
-    sums, nlls, preds = [], [], []
+    sums, nlls, preds, kls = [], [], [], []
     for start in range(0, flat.shape[0], chunk):
         h, y = flat[start : start + chunk], targets[start : start + chunk]
+        r = ref_flat[start : start + chunk] if ref_flat is not None else None
         if needs_grad:
-            out = checkpoint(piece, h, y, use_reentrant=False)
+            out = checkpoint(piece, h, y, r, use_reentrant=False)
         else:
-            out = piece(h, y)
+            out = piece(h, y, r)
         sums.append(out[0])
         nlls.append(out[1])
         preds.append(out[2])
+        kls.extend(out[3:])
     if not sums:
         zero = hidden.sum() * 0.0
         empty = torch.zeros(0, device=hidden.device)
-        return ChunkedCE(zero, 0, empty, empty.long(), valid)
-    return ChunkedCE(torch.stack(sums).sum(), int(flat.shape[0]), torch.cat(nlls), torch.cat(preds), valid)
+        return ChunkedCE(zero, 0, empty, empty.long(), valid, zero if reference is not None else None)
+    kl_sum = torch.stack(kls).sum() if kls else None
+    return ChunkedCE(torch.stack(sums).sum(), int(flat.shape[0]), torch.cat(nlls), torch.cat(preds), valid, kl_sum)
 
 
 @torch.no_grad()
@@ -198,6 +216,14 @@ def confidence_targets(
 ) -> torch.Tensor:
     """y = 1 where stopping now emits the same token as the reference depth and loses <= margin nats."""
     return ((pred == ref_pred) & (nll <= ref_nll + margin)).float()
+
+
+def one_loop_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states of a LoopUS model at one loop (the base model, before training)."""
+    embeds = model.embed(input_ids)
+    ctx = model.layer_context(embeds, None, None, None)
+    state, _ = model.loop_step(model.encode(embeds, ctx), ctx, 0)
+    return model.decode(state, ctx)
 
 
 def _any_grad(modules) -> bool:
@@ -217,12 +243,16 @@ def rds_step(
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    reference=None,
+    kl_base: float = 0.0,
 ) -> dict[str, float]:
     """One batch of random deep supervision on a `LoopUSForCausalLM`; calls backward per supervised step.
 
     `labels` are aligned with `input_ids` (position i predicts labels[i]); -100 is ignored.
-    `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps).
-    Returns detached metrics: `lm@t` per supervised step, `mono`, `conf`, `conf_target`, `horizon`.
+    `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps). With a frozen
+    `reference` model (the LoopUS model before training) and `kl_base > 0`, loop 1's loss adds
+    `kl_base` x KL(reference's loop 1 || loop 1) when loop 1 is supervised.
+    Returns detached metrics: `lm@t` per supervised step, `kl@1`, `mono`, `conf`, `conf_target`, `horizon`.
     """
     backward = backward or (lambda loss: loss.backward())
     logits_fn = logits_function(model)
@@ -251,10 +281,19 @@ def rds_step(
             if t not in supervised:
                 continue
             hidden = model.decode(state, ctx)
-            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
+            ref = None
+            if t == 1 and reference is not None and kl_base > 0:
+                with torch.no_grad():
+                    ref = (one_loop_hidden(reference, input_ids), reference.lm_logits)
+            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk, ref)
             lm = ce.loss_sum / max(ce.count, 1)
             mono = torch.relu(lm - previous_lm) if previous_lm is not None else lm.new_zeros(())
-            loss = (lm + beta_mono * mono) / len(supervised)
+            loss = lm + beta_mono * mono
+            if ce.kl_sum is not None:
+                kl = ce.kl_sum / max(ce.count, 1)
+                loss = loss + kl_base * kl
+                metrics["kl@1"] = float(kl.detach())
+            loss = loss / len(supervised)
             if loss.requires_grad:
                 backward(loss * loss_scale)
             previous_lm = lm.detach()

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..adapters import ADAPTER_NAME
+
 
 def is_new_module(name: str) -> bool:
     """Parameters LoopUS adds to the base model (selective gate, confidence head)."""
@@ -13,17 +15,25 @@ def is_new_module(name: str) -> bool:
     return "confidence_head" in parts or "gate" in parts
 
 
+def is_depth_adapter(name: str) -> bool:
+    """Weights of the depth-wise LoRA adapters (`loopus.adapters`, adapter name `depth`)."""
+    parts = name.split(".")
+    return ("lora_A" in parts or "lora_B" in parts) and ADAPTER_NAME in parts
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                    new_module_lr_mult: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW; `new_module_lr_mult` scales the lr of the freshly initialised gate and confidence head."""
-    buckets: dict[tuple[bool, bool], list] = {}
+                    new_module_lr_mult: float = 1.0, adapter_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW; `new_module_lr_mult` scales the lr of the freshly initialised gate and confidence head,
+    `adapter_lr_mult` that of the depth-wise adapters."""
+    mults = (1.0, new_module_lr_mult, adapter_lr_mult)  # by kind: base weights, new modules, adapters
+    buckets: dict[tuple[bool, int], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((p.ndim >= 2, is_new_module(name)), []).append(p)
+            kind = 1 if is_new_module(name) else 2 if is_depth_adapter(name) else 0
+            buckets.setdefault((p.ndim >= 2, kind), []).append(p)
     groups = []
-    for (decays, new), params in sorted(buckets.items()):
-        groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0,
-                       "lr": lr * (new_module_lr_mult if new else 1.0)})
+    for (decays, kind), params in sorted(buckets.items()):
+        groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * mults[kind]})
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=False)
 
 

@@ -1,7 +1,7 @@
 """What trains: named parameter groups, freezing, LoRA adapters (PEFT) and gradient checkpointing.
 
 Groups of a LoopUS model: `embeddings` (token embeddings), `encoder` (layers [0, e)), `reasoning`
-(layers [e, d)), `gate`, `decoder` (layers [d, L) and the final norm), `head` (lm_head), `confidence`
+(layers [e, d)), `adapters` (the depth-wise LoRA adapters of the reasoning block, if any), `gate`, `decoder` (layers [d, L) and the final norm), `head` (lm_head), `confidence`
 (the confidence head). A dense (unlooped) model has the same groups without gate and confidence; its
 `encoder` is its first e layers when a split is given, so both modes can train the same weights.
 A tied lm_head is the embedding matrix: it trains only if neither `embeddings` nor `head` is frozen.
@@ -42,6 +42,9 @@ def parameter_groups(model: nn.Module, encoder_layers: int = 0, decoder_layers: 
 
     # the embedding first: a tied lm_head then resolves to "embeddings"
     mark(base.get_input_embeddings(), "embeddings")
+    if looped:
+        for p in model.depth_adapter_parameters():  # before the layers that hold them
+            owner.setdefault(id(p), "adapters")
     for i, layer in enumerate(base_layers(base)):
         if i < encoder_layers:
             group = "encoder"

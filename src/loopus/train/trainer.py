@@ -17,6 +17,7 @@ step and the data order does not depend on P's choice of sharding.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trai
 # a resumed run must agree with its checkpoint on everything that decides the data and the plan
 RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "batch_size", "grad_accum", "seed", "horizon_min",
                "horizon_max", "supervised_min", "supervised_max", "grad_steps", "supervise_last", "supervise_first",
-               "lora_rank", "freeze")
+               "lora_rank", "depth_lora_rank", "freeze")
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,7 +99,13 @@ def build_model(cfg: TrainConfig, model=None, tokenizer=None):
             )
         from ..convert import convert
 
-        model = convert(model, cfg.encoder_layers, cfg.decoder_layers, gate_rank=cfg.gate_rank, gate_init=cfg.gate_init)
+        model = convert(model, cfg.encoder_layers, cfg.decoder_layers, gate_rank=cfg.gate_rank, gate_init=cfg.gate_init,
+                        depth_lora_rank=cfg.depth_lora_rank, depth_lora_alpha=cfg.depth_lora_alpha)
+    elif cfg.depth_lora_rank > 0 and model.config.depth_lora_rank == 0:
+        model.add_depth_adapters(cfg.depth_lora_rank, cfg.depth_lora_alpha)
+    if cfg.depth_lora_rank > 0 and model.config.depth_lora_rank != cfg.depth_lora_rank:
+        raise ValueError(f"{cfg.model} has depth adapters of rank {model.config.depth_lora_rank}, not "
+                         f"--depth-lora-rank {cfg.depth_lora_rank}")
     return model.float().train(), tokenizer
 
 
@@ -161,6 +168,9 @@ class Trainer:
         if self.sharded:
             shard_model(self.core, bf16=precision == "bf16")
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # KL toward the base at loop 1: a frozen copy of the model as built, i.e. before any training
+        # (on resume too: the checkpoint's weights are loaded into the trained copy only)
+        self.reference = copy.deepcopy(self.core).eval().requires_grad_(False) if cfg.kl_base > 0 else None
 
         self.total_steps = cfg.total_steps(self.world)
         if data is None:
@@ -172,7 +182,8 @@ class Trainer:
                                   max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
                                   cfg.val_fraction, cfg.packing)
         self.data = data
-        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult)
+        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult,
+                                         cfg.adapter_lr_mult)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule,
                                          cfg.min_lr_ratio)
         self.step = 0
@@ -250,7 +261,10 @@ class Trainer:
         ckpt = load_checkpoint(path, self.rank)
         saved = ckpt["state"]["config"]
         current = self.cfg.to_dict()
-        diff = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS if saved.get(k) != current.get(k)}
+        # a key the checkpoint lacks predates its option: the run then had the option's default behaviour
+        defaults = TrainConfig.defaults()
+        diff = {k: (saved.get(k, defaults[k]), current.get(k)) for k in RESUME_KEYS
+                if saved.get(k, defaults[k]) != current.get(k)}
         if ckpt["state"].get("world", self.world) != self.world:
             diff["processes"] = (ckpt["state"]["world"], self.world)
         if ckpt["state"].get("sharded", False) != self.sharded:
@@ -331,7 +345,8 @@ class Trainer:
                 plan = sample_plan(generator, cfg.horizon_min, cfg.horizon_max, cfg.supervised_min,
                                    cfg.supervised_max, cfg.grad_steps, cfg.supervise_last, cfg.supervise_first)
                 metrics = rds_step(self.core, inputs, labels, plan, beta_mono=cfg.beta_mono,
-                                   lambda_conf=cfg.lambda_conf, conf_margin=cfg.conf_margin, **common)
+                                   lambda_conf=cfg.lambda_conf, conf_margin=cfg.conf_margin,
+                                   reference=self.reference, kl_base=cfg.kl_base, **common)
             else:
                 metrics = dense_step(self.core, inputs, labels, **common)
             for key, value in metrics.items():

@@ -1,0 +1,304 @@
+"""Issue 11: the controlled post-training recipe study on the real Gemma 3 270M.
+
+Every arm trains on the same packed rows in the same order (same corpora, seed, sequence length,
+batch), with the same optimiser, learning-rate schedule and trainable layers (embeddings and the
+6 encoder layers frozen), except where an arm is defined by changing one of them. Arms are scored
+on the same held-out tokens: per-loop perplexity with a standard error across 512-token windows,
+and the paired standard error of each arm's difference from the dense arm (same windows).
+
+    python bench/recipes.py train dense          # one arm (resumes from its last checkpoint)
+    python bench/recipes.py score dense          # held-out perplexity at 1/2/4/8 loops
+    python bench/recipes.py lm-eval dense        # arc_easy, piqa, lambada_openai at 1 loop and the best
+    python bench/recipes.py all                  # every stage of every arm not done yet, one at a time
+    python bench/recipes.py report               # table (markdown) + perplexity-vs-loops PNG
+
+Outputs live under --out (default runs/recipes/ARM/). Training is resumable across sessions
+(`--resume` semantics of `loopus train`: the run continues bit-exactly from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMMON: dict[str, Any] = {
+    "model": "gemma-3-270m",
+    "encoder_layers": 6,
+    "decoder_layers": 3,
+    "corpus": ["enwiki", "eltec_eng"],
+    "seq_len": 128,
+    "batch_size": 4,
+    "max_tokens": 102_400,            # 200 optimiser steps of 4 x 128 label tokens
+    "lr": 2e-5,
+    "warmup_steps": 20,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.1,
+    "freeze": ["embeddings", "encoder"],
+    "packing": "documents",
+    # every recipe setting is spelled out, so a later change of the package defaults moves no arm
+    "gate_rank": 64,
+    "horizon_min": 2,
+    "supervised_min": 2,
+    "supervised_max": 2,
+    "grad_steps": 1,
+    "beta_mono": 0.1,
+    "lambda_conf": 0.1,
+    "seed": 0,
+    "val_tokens": 2048,
+    "eval_loops": [1, 4],
+    "save_every": 25,
+    "keep_checkpoints": 1,
+    "tensorboard": False,
+}
+
+# arm -> (what it is, TrainConfig overrides); "base" is the untrained model
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "base": ("Gemma 3 270M, untrained", {}),
+    "dense": ("plain continued training of the unlooped model, same trainable layers", {"mode": "dense"}),
+    "paper": ("LoopUS, the paper recipe: gate init 0.5, T ~ U{2..8}, |S| = 2",
+              {"mode": "loopus", "gate_init": 0.5, "horizon_max": 8, "supervise_first": False,
+               "new_module_lr_mult": 1.0}),
+    "fp": ("LoopUS, function-preserving: gate init 0.02, T ~ U{2..4}, loop 1 always supervised, "
+           "gate and confidence head at 1000x lr",
+           {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
+            "new_module_lr_mult": 1000.0}),
+    "fp_kl": ("fp + KL(base || loop 1) with weight 1 (the frozen model before training as the reference)",
+              {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
+               "new_module_lr_mult": 1000.0, "kl_base": 1.0}),
+    "fp_depth": ("fp + depth-wise LoRA (rank 16, 10x lr) on the reasoning block from loop 2 on; "
+                 "the shared weights train too",
+                 {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
+                  "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0}),
+    "depth_only": ("depth-wise LoRA only (rank 16, 10x lr), gate and confidence head; every base weight "
+                   "frozen, so one loop stays exactly the base model",
+                   {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
+                    "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0,
+                    "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}),
+}
+
+TASKS = ["arc_easy", "piqa", "lambada_openai"]
+
+
+def arm_dir(out: Path, arm: str) -> Path:
+    return out / arm
+
+
+def trained(out: Path, arm: str) -> bool:
+    return arm == "base" or (arm_dir(out, arm) / "metrics.json").is_file()
+
+
+def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> None:
+    from loopus.train import TrainConfig, train
+    from loopus.train.checkpointing import latest_checkpoint
+
+    if arm == "base" or trained(out, arm):
+        print(f"[{arm}] trained already" if arm != "base" else "[base] nothing to train")
+        return
+    settings = {**COMMON, **ARMS[arm][1], "out": str(arm_dir(out, arm)), "data": data}
+    if max_tokens is not None:
+        settings["max_tokens"] = max_tokens
+    settings["resume"] = latest_checkpoint(settings["out"]) is not None
+    cfg = TrainConfig(**settings)
+    start = time.time()
+    result = train(cfg)
+    (arm_dir(out, arm) / "recipe.json").write_text(json.dumps(
+        {"arm": arm, "description": ARMS[arm][0], "config": cfg.to_dict(), "wall_s_this_session": time.time() - start,
+         "throughput": {k: v for k, v in result.items() if "tokens" in k or "time" in k}}, indent=1, default=str))
+
+
+def load_scorable(arm: str, out: Path):
+    """The arm's model as a LoopUS model (base and dense are recast with the study's split: at one loop
+    that computes exactly the unlooped model) and its tokenizer."""
+    import loopus
+    from loopus.zoo import load_base
+
+    if arm == "base":
+        base, tokenizer = load_base(COMMON["model"])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = arm_dir(out, arm)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if hasattr(model, "loop_step"):
+            return model.eval(), tokenizer
+        base = model
+    return loopus.convert(base, COMMON["encoder_layers"], COMMON["decoder_layers"]).eval(), tokenizer
+
+
+def looped_arm(arm: str) -> bool:
+    return ARMS[arm][1].get("mode") == "loopus"
+
+
+def score_arm(arm: str, out: Path, data: str | None, tokens: int) -> dict[str, Any]:
+    from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
+
+    model, tokenizer = load_scorable(arm, out)
+    loops = [1, 2, 4, 8] if looped_arm(arm) else [1]
+    result: dict[str, Any] = {"arm": arm, "tokens_per_corpus": tokens, "window": 512, "loops": loops}
+    start = time.time()
+    for name in HELD_OUT:
+        docs = held_out_documents(name, data)
+        scores = per_loop_perplexity(model, tokenizer, docs, loops, max_tokens=tokens, window=512,
+                                     batch_size=4, return_windows=True)
+        result[name] = {str(n): v for n, v in scores.items()}
+        print(f"[{arm}] {name}: " + ", ".join(f"{n} loops {v['ppl']:.3f} ± {v['ppl'] * v['nll_se']:.3f}"
+                                               for n, v in scores.items()), flush=True)
+    result["wall_s"] = time.time() - start
+    path = arm_dir(out, arm)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "scores.json").write_text(json.dumps(result))
+    return result
+
+
+def best_loops(scores: dict[str, Any]) -> int:
+    """The loop count with the lowest mean NLL over enwiki and ELTeC (the training corpora's held-out text)."""
+    loops = scores["loops"]
+    return min(loops, key=lambda n: scores["enwiki"][str(n)]["nll"] + scores["eltec_eng"][str(n)]["nll"])
+
+
+def lm_eval_arm(arm: str, out: Path, limit: int) -> dict[str, Any]:
+    from loopus.eval.harness import evaluate_hf, evaluate_loopus
+    from loopus.zoo import resolve
+
+    path = arm_dir(out, arm)
+    result: dict[str, Any] = {"arm": arm, "limit": limit, "tasks": TASKS}
+    start = time.time()
+    if looped_arm(arm):
+        scores = json.loads((path / "scores.json").read_text())
+        loops = sorted({1, best_loops(scores)})
+        result["loops"] = {str(n): m for n, m in evaluate_loopus(str(path), TASKS, loops=loops, limit=limit)["loops"].items()}
+    else:
+        model = resolve(COMMON["model"]) if arm == "base" else str(path)
+        result["loops"] = {"1": evaluate_hf(str(model), TASKS, limit=limit)}
+    result["wall_s"] = time.time() - start
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "lm_eval.json").write_text(json.dumps(result, indent=1))
+    print(f"[{arm}] lm-eval: {json.dumps(result['loops'])}", flush=True)
+    return result
+
+
+def paired_difference(arm_windows: list, ref_windows: list) -> tuple[float, float]:
+    """Relative perplexity change vs the reference (exp of the NLL difference - 1) and its standard error."""
+    from loopus.eval.perplexity import mean_and_se
+
+    sums = [a[0] - b[0] for a, b in zip(arm_windows, ref_windows)]
+    counts = [a[1] for a in arm_windows]
+    diff, se = mean_and_se(sums, counts)
+    return math.expm1(diff), math.exp(diff) * se
+
+
+def report(out: Path, plot: Path | None) -> str:
+    from loopus.eval.perplexity import HELD_OUT
+
+    rows, curves = [], {}
+    scores = {arm: json.loads((arm_dir(out, arm) / "scores.json").read_text())
+              for arm in ARMS if (arm_dir(out, arm) / "scores.json").is_file()}
+    ref = scores.get("dense")
+    lines = ["| arm | loops | " + " | ".join(f"{c} ppl ± se" for c in HELD_OUT) + " | Δ vs dense (enwiki, eltec; paired se) |",
+             "|---|---|" + "---|" * len(HELD_OUT) + "---|"]
+    for arm, s in scores.items():
+        for n in s["loops"]:
+            cells = []
+            for corpus in HELD_OUT:
+                v = s[corpus][str(n)]
+                cells.append(f"{v['ppl']:.3f} ± {v['ppl'] * v['nll_se']:.3f}")
+                curves.setdefault((arm, corpus), []).append((n, v["ppl"]))
+            delta = ""
+            if ref is not None and arm != "dense":
+                parts = []
+                for corpus in ("enwiki", "eltec_eng"):
+                    d, se = paired_difference(s[corpus][str(n)]["windows"], ref[corpus]["1"]["windows"])
+                    parts.append(f"{100 * d:+.2f}% ± {100 * se:.2f}")
+                delta = ", ".join(parts)
+            lines.append(f"| {arm} | {n} | " + " | ".join(cells) + f" | {delta} |")
+    tokens = {corpus: next(iter(s[corpus].values()))["tokens"] for s in scores.values() for corpus in HELD_OUT}
+    lines.append("")
+    lines.append("Held-out tokens per corpus: " + ", ".join(f"{c} {t}" for c, t in tokens.items()) + ".")
+    evals = {arm: json.loads((arm_dir(out, arm) / "lm_eval.json").read_text())
+             for arm in ARMS if (arm_dir(out, arm) / "lm_eval.json").is_file()}
+    if evals:
+        lines += ["", "| arm | loops | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
+        for arm, e in evals.items():
+            for n, metrics in e["loops"].items():
+                cells = []
+                for task in TASKS:
+                    m = metrics.get(task, {})
+                    if task == "lambada_openai":
+                        cells.append(f"ppl {m.get('perplexity', float('nan')):.2f}, acc {m.get('acc', float('nan')):.3f}")
+                    else:
+                        acc = m.get("acc", float("nan"))  # binomial standard error over the scored documents
+                        cells.append(f"acc {acc:.3f} ± {math.sqrt(acc * (1 - acc) / e['limit']):.3f}")
+                lines.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"\nlm-eval limit: {next(iter(evals.values()))['limit']} documents per task.")
+    text = "\n".join(lines)
+    if plot is not None and scores:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 4))
+        for ax, corpus in zip(axes, HELD_OUT):
+            for arm in scores:
+                points = curves[(arm, corpus)]
+                if len(points) == 1:
+                    ax.axhline(points[0][1], linestyle="--", label=f"{arm} (unlooped)",
+                               color="black" if arm == "base" else "gray")
+                else:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+            ax.set_xlabel("loops")
+            ax.set_ylabel("held-out perplexity")
+            ax.set_title(corpus)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Gemma 3 270M, equal training tokens: perplexity vs loop count")
+        fig.tight_layout()
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=110)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["train", "score", "lm-eval", "all", "report"])
+    p.add_argument("arms", nargs="*", help=f"arms (default: all of {', '.join(ARMS)})")
+    p.add_argument("--out", default="runs/recipes")
+    p.add_argument("--data", default=None, help="data directory (default $LOOPUS_DATA)")
+    p.add_argument("--max-tokens", type=int, default=None, help=f"training tokens per arm (default {COMMON['max_tokens']})")
+    p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
+    p.add_argument("--limit", type=int, default=200, help="lm-eval documents per task")
+    p.add_argument("--plot", default="docs/results/recipes.png")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        p.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    arms = args.arms or list(ARMS)
+    out = Path(args.out)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    # perplexity first for every arm (the study's main figures), the slower lm-eval pass after
+    for arm in arms:
+        if args.stage in ("train", "all"):
+            train_arm(arm, out, args.data, args.max_tokens)
+        if args.stage == "score" or (args.stage == "all" and not (arm_dir(out, arm) / "scores.json").is_file()):
+            score_arm(arm, out, args.data, args.score_tokens)
+    for arm in arms:
+        if args.stage == "lm-eval" or (args.stage == "all" and not (arm_dir(out, arm) / "lm_eval.json").is_file()):
+            lm_eval_arm(arm, out, args.limit)
+    if args.stage in ("report", "all"):
+        print(report(out, Path(args.plot) if args.plot else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
