@@ -203,7 +203,8 @@ def report(out: Path, plot: Path | None) -> str:
     scores = {arm: json.loads((arm_dir(out, arm) / "scores.json").read_text())
               for arm in ARMS if (arm_dir(out, arm) / "scores.json").is_file()}
     ref = scores.get("dense")
-    lines = ["| arm | loops | " + " | ".join(f"{c} ppl ± se" for c in HELD_OUT) + " | Δ vs dense (enwiki, eltec; paired se) |",
+    lines = ["| arm | loops | " + " | ".join(f"{c} ppl ± se" for c in HELD_OUT)
+             + " | Δ vs dense, paired se (" + ", ".join(HELD_OUT) + ") |",
              "|---|---|" + "---|" * len(HELD_OUT) + "---|"]
     for arm, s in scores.items():
         for n in s["loops"]:
@@ -215,7 +216,7 @@ def report(out: Path, plot: Path | None) -> str:
             delta = ""
             if ref is not None and arm != "dense":
                 parts = []
-                for corpus in ("enwiki", "eltec_eng"):
+                for corpus in HELD_OUT:
                     d, se = paired_difference(s[corpus][str(n)]["windows"], ref[corpus]["1"]["windows"])
                     parts.append(f"{100 * d:+.2f}% ± {100 * se:.2f}")
                 delta = ", ".join(parts)

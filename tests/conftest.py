@@ -60,7 +60,8 @@ def tiny_looped(family: str = "llama", num_loops: int = 3, seed: int = 0):
     """A tiny LoopUS model (split 2/…/1) whose gate is input dependent, as after training."""
     import loopus
 
-    model = loopus.convert(tiny_base(family, seed), 2, 1, num_loops=num_loops).eval()
+    # an open gate (the paper's share of 0.5) with random input-dependent weights: loops move the state
+    model = loopus.convert(tiny_base(family, seed), 2, 1, num_loops=num_loops, gate_init=0.5).eval()
     torch.manual_seed(seed)
     torch.nn.init.normal_(model.gate.up.weight, std=0.3)
     model.generation_config.eos_token_id = None  # random weights: compare whole continuations

@@ -110,7 +110,7 @@ def test_depth_adapter_training_options_are_checked():
     with pytest.raises(ValueError, match="checkpointing"):
         TrainConfig(gradient_checkpointing=True, **common)
     with pytest.raises(ValueError, match="supervise-first"):
-        TrainConfig(max_steps=1, kl_base=1.0)
+        TrainConfig(max_steps=1, kl_base=1.0, supervise_first=False)
 
 
 def kl_step(model, reference, seed: int = 0) -> dict[str, float]:

@@ -329,7 +329,8 @@ def launch_two_processes(out, corpus, tiny_dir, *extra: str) -> None:
                "--out", str(out), "--encoder-layers", "1", "--decoder-layers", "1", "--seq-len", "16",
                "--batch-size", "2", "--max-steps", "3", "--lr", "0.001", "--eval-loops", "1,2", "--val-tokens", "64",
                "--save-every", "2", "--progress", "false", "--threads", "1", "--horizon-min", "2",
-               "--freeze", "embeddings", *extra]
+               # one lr for every group: at 1000x the gate's steps would magnify the cross-process sum order
+               "--new-module-lr-mult", "1", "--freeze", "embeddings", *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -102,7 +102,9 @@ class LoopUSConfig(PretrainedConfig):
         decoder_layers: number of trailing base layers run once after the loop.
         num_loops: loop count used when `forward` is not given one.
         gate_rank: bottleneck width of the selective gate.
-        gate_init: the gate's mixing coefficient at initialisation (share of the new state taken).
+        gate_init: the gate's mixing coefficient at initialisation (share of the new state taken). The
+            default 0.02 is function-preserving: every loop count starts within 0.5% of the base model's
+            perplexity, and training opens the gate where extra loops help (docs/RESULTS.md, issue 11).
         kv_mode: "per_depth" keeps one KV per reasoning layer and loop depth; "shared" keeps one per layer.
         depth_lora_rank: rank of the depth-wise LoRA adapters (PEFT) on the reasoning block's linear
             layers, active from loop 2 on (0: none). Loop 1 runs without them, so one loop stays
@@ -121,7 +123,7 @@ class LoopUSConfig(PretrainedConfig):
         decoder_layers: int = 0,
         num_loops: int = 4,
         gate_rank: int = 64,
-        gate_init: float = 0.5,
+        gate_init: float = 0.02,
         kv_mode: str = "per_depth",
         depth_lora_rank: int = 0,
         depth_lora_alpha: float = 32.0,

@@ -82,7 +82,7 @@ def convert(
     constraints=None,
     num_loops: int = 4,
     gate_rank: int = 64,
-    gate_init: float = 0.5,
+    gate_init: float = 0.02,
     kv_mode: str = "per_depth",
     depth_lora_rank: int = 0,
     depth_lora_alpha: float = 32.0,

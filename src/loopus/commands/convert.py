@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (save_pretrained format)")
     p.add_argument("--num-loops", type=int, default=4, help="default loop count stored in the config")
     p.add_argument("--gate-rank", type=int, default=64)
-    p.add_argument("--gate-init", type=float, default=0.5)
+    p.add_argument("--gate-init", type=float, default=0.02,
+                   help="gate share at init; 0.02 keeps every loop count near the base model (0.5: the paper's)")
     p.add_argument("--kv-mode", choices=["per_depth", "shared"], default="per_depth")
     p.add_argument("--depth-lora-rank", type=int, default=0,
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")

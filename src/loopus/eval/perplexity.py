@@ -106,8 +106,8 @@ def per_loop_perplexity(
             if depth + 1 in window_nll:
                 logits = model.lm_logits(model.decode(state, ctx)).float()
                 token_nll = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-                )
+                    logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+                ).view(labels.shape)
                 window_nll[depth + 1].extend(token_nll.sum(1).tolist())
         counts.extend((labels != -100).sum(1).tolist())
     out = {}

@@ -21,7 +21,7 @@ class TrainConfig:
     encoder_layers: int | None = None    # split used when `model` is a plain base model (required then)
     decoder_layers: int | None = None
     gate_rank: int = 64
-    gate_init: float = 0.5
+    gate_init: float = 0.02               # function-preserving: every loop count starts as the base
     freeze: list[str] = field(default_factory=lambda: ["embeddings", "encoder"])
     lora_rank: int = 0                   # > 0: LoRA adapters (PEFT) on the trainable transformer layers
     lora_alpha: float = 16.0
@@ -50,24 +50,26 @@ class TrainConfig:
     max_tokens: int | None = None
 
     # optimiser and schedule (all counted in optimiser steps)
-    lr: float = 1e-4
-    new_module_lr_mult: float = 1.0      # lr multiplier for the new gate and confidence head
+    lr: float = 2e-5
+    new_module_lr_mult: float = 1000.0   # lr multiplier for the new gate and confidence head (a near-
+                                         # closed gate barely moves at the base weights' lr)
     adapter_lr_mult: float = 1.0         # lr multiplier for the depth-wise adapters
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
+    warmup_steps: int | None = None      # None: warmup_ratio of the run
+    warmup_ratio: float = 0.1
     schedule: str = "cosine"             # cosine | linear | constant
     max_grad_norm: float = 1.0
 
     # random deep supervision
     horizon_min: int = 2                 # T ~ U{horizon_min..horizon_max}
-    horizon_max: int = 8
+    horizon_max: int = 4
     supervised_min: int = 2              # |S| ~ U{supervised_min..supervised_max}, capped at T
     supervised_max: int = 2
     grad_steps: int = 1                  # k: loop steps run with gradient before each supervised step
     supervise_last: bool = True          # T is always in S (the confidence target needs the final state)
-    supervise_first: bool = False        # loop 1 is always in S (keeps the one-loop model trained every batch)
+    supervise_first: bool = True         # loop 1 is always in S (keeps the one-loop model trained every batch)
     beta_mono: float = 0.1
     lambda_conf: float = 0.1
     conf_margin: float = 0.05            # nats: exit is "safe" if it costs at most this much vs. T loops
@@ -132,6 +134,9 @@ class TrainConfig:
         if self.depth_lora_rank > 0 and (self.gradient_checkpointing or self.fsdp):
             raise ValueError("depth-wise adapters are switched per loop, which activation checkpointing "
                              "and FSDP do not replay: drop --gradient-checkpointing/--fsdp")
+        if not 0 <= self.warmup_ratio < 1 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError(f"need warmup_steps >= 0 and 0 <= warmup_ratio < 1, got {self.warmup_steps}, "
+                             f"{self.warmup_ratio}")
         if self.kl_base < 0:
             raise ValueError(f"kl_base must be >= 0, got {self.kl_base}")
         if self.kl_base > 0 and (self.mode != "loopus" or not self.supervise_first):
@@ -142,6 +147,10 @@ class TrainConfig:
     @property
     def frozen(self) -> set[str]:
         return set(self.freeze) - {"none"}
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up length in optimiser steps."""
+        return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total_steps)
 
     def tokens_per_step(self, num_processes: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * num_processes

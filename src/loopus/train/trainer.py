@@ -184,7 +184,7 @@ class Trainer:
         self.data = data
         self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult,
                                          cfg.adapter_lr_mult)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule,
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup(self.total_steps), cfg.schedule,
                                          cfg.min_lr_ratio)
         self.step = 0
         self.tokens = 0
