@@ -35,6 +35,7 @@ import torch
 
 import loopus
 from loopus.paths import data_file
+from loopus.train.flops import decode_step_flops
 from loopus.zoo import load_base
 
 
@@ -88,18 +89,6 @@ def cached_step_seconds(model, ids, repeats: int = 3, **kwargs) -> float:
             times.append(time.perf_counter() - start)
             cache.crop(-1)
     return statistics.median(times)
-
-
-def flops_per_token(model, budget: int, context: int) -> float:
-    """Multiply-adds x2 of one decode step: linear layers, attention over `context` keys, the head."""
-    cfg = model.config.base_config
-    layer = model.layers[0]
-    linear = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 2)
-    heads = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    per_layer = 2 * linear + 2 * 2 * heads * context
-    head = 2 * cfg.vocab_size * cfg.hidden_size
-    layers = model.config.encoder_layers + budget * len(model.config.reasoning_range) + model.config.decoder_layers
-    return layers * per_layer + head
 
 
 def teacher_forced(model, ids: torch.Tensor, context: int, budget: int, kv_mode: str, **exit_kwargs) -> dict:
@@ -233,7 +222,8 @@ def main() -> None:
 
     if "ratio" not in skip:
         context = args.prompt_tokens + args.ratio_tokens // 2
-        ideal = {b: flops_per_token(model, b, context) / flops_per_token(model, 1, context) for b in args.budgets}
+        ideal = {b: decode_step_flops(model.config, b, context) / decode_step_flops(model.config, 1, context)
+                 for b in args.budgets}
         ratios = {b: [] for b in args.budgets}
         base_times, loop_times = [], {b: [] for b in args.budgets}
         decode_seconds(base, prompt, 4, **gen)  # warm-up

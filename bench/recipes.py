@@ -117,21 +117,18 @@ def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> 
 def load_scorable(arm: str, out: Path):
     """The arm's model as a LoopUS model (base and dense are recast with the study's split: at one loop
     that computes exactly the unlooped model) and its tokenizer."""
-    import loopus
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loopus.convert import as_looped
     from loopus.zoo import load_base
 
     if arm == "base":
-        base, tokenizer = load_base(COMMON["model"])
+        model, tokenizer = load_base(COMMON["model"])
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         path = arm_dir(out, arm)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if hasattr(model, "loop_step"):
-            return model.eval(), tokenizer
-        base = model
-    return loopus.convert(base, COMMON["encoder_layers"], COMMON["decoder_layers"]).eval(), tokenizer
+    return as_looped(model, COMMON["encoder_layers"], COMMON["decoder_layers"]).eval(), tokenizer
 
 
 def looped_arm(arm: str) -> bool:

@@ -39,9 +39,10 @@ def main() -> None:
     args = p.parse_args()
 
     from loopus.convert import convert
-    from loopus.dynamics import analyze, load_split
+    from loopus.dynamics import analyze
     from loopus.eval.perplexity import per_loop_perplexity
     from loopus.paths import data_file
+    from loopus.split import load_split
     from loopus.zoo import load_base
 
     out = Path(args.out)

@@ -62,7 +62,7 @@ def rss():
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 # warm-up at T=2 so gradient buffers and allocator pools exist before the measured step
-rds_step(model, inputs, labels, RDSPlan(2, (1, 2)), ce_chunk=256)
+rds_step(model, inputs, labels, RDSPlan(2, (1, 2)))
 for p in model.parameters():
     if p.grad is not None:
         p.grad.zero_()
@@ -79,7 +79,7 @@ before, _ = rss()
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-    rds_step(model, inputs, labels, plan, ce_chunk=256, backward=backward)
+    rds_step(model, inputs, labels, plan, backward=backward)
 _, peak = rss()
 out = {"rss_before": before, "rss_peak": peak, "rss_growth": peak - before, "graph": graph[1]}
 if device == "cuda":

@@ -70,18 +70,18 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     # warm-up
-    dense_step(dense, inputs, labels, ce_chunk=256)
-    rds_step(looped, inputs, labels, plans[0], ce_chunk=256)
+    dense_step(dense, inputs, labels)
+    rds_step(looped, inputs, labels, plans[0])
     dense_times, loop_times = [], []
     for plan in plans:
         for model in (dense, looped):
             model.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
-        dense_step(dense, inputs, labels, ce_chunk=256)
+        dense_step(dense, inputs, labels)
         sync()
         t1 = time.perf_counter()
-        rds_step(looped, inputs, labels, plan, ce_chunk=256)
+        rds_step(looped, inputs, labels, plan)
         sync()
         t2 = time.perf_counter()
         dense_times.append(t1 - t0)

@@ -7,27 +7,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+from conftest import tiny_base
+from transformers import AutoTokenizer
 
 import loopus
 
 GEMMA_DIR = Path.home() / ".cache" / "loopus" / "base" / "gemma-3-270m"
-
-
-def tiny_gemma_config() -> Gemma3TextConfig:
-    return Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-        tie_word_embeddings=True,
-    )
 
 
 def gemma_tokenizer():
@@ -38,8 +23,8 @@ def gemma_tokenizer():
 
 def make_tiny_checkpoints(root: Path, num_loops: int = 1) -> tuple[Path, Path]:
     """(base_dir, loopus_dir) under `root`: a tiny random Gemma 3 and its LoopUS conversion (2 / 1 layers)."""
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(tiny_gemma_config()).eval()
+    # the real tokenizer's vocabulary, and room for lm-eval's longer requests
+    base = tiny_base("gemma3_text", vocab_size=262144, max_position_embeddings=512, sliding_window=8)
     with torch.no_grad():  # larger weights than the init, so the loop and gate visibly change the scores
         for p in base.model.layers.parameters():
             p.mul_(4.0)

@@ -74,7 +74,7 @@ def test_real_gemma_generate_cli_streams_loop_counts(gemma, capsys, tmp_path):
     [
         (["--max-loops", "2", "--min-loops", "3", "--strategy", "kl"], "min_loops=3 is larger than the budget"),
         (["--threshold", "0.5"], "--threshold needs --strategy"),
-        ([], "not a LoopUS checkpoint: pass --encoder-layers"),
+        ([], "not a LoopUS checkpoint: give a split"),
     ],
 )
 def test_generate_cli_bad_input_is_one_clear_line(argv, message, capsys):

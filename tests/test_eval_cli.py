@@ -9,6 +9,7 @@ import pytest
 from eval_fixtures import make_tiny_checkpoints, write_openbookqa, write_winogrande
 
 from loopus.cli import main
+from loopus.halting import STRATEGIES
 
 
 @pytest.fixture(scope="module")
@@ -57,4 +58,7 @@ def test_eval_wrapper_refuses_unsupported_exit_clearly(tiny, small_data, tmp_pat
     code = main(["eval", str(loop_dir), "--data", str(small_data), "--tasks", "openbookqa", "--limit", "1",
                  "--loops", "2", "--exit-strategy", "no-such-strategy", "--thresholds", "0.5", "--out", str(tmp_path)])
     assert code == 2
-    assert "exit" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    # one line that names the bad strategy and the ones to choose from
+    assert err[-1] == f"loopus eval: error: unknown exit_strategy 'no-such-strategy': choose one of {', '.join(STRATEGIES)}"
+    assert not (tmp_path / "report.json").exists()

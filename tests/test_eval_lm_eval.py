@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from lm_eval.api.instance import Instance
 from eval_fixtures import GEMMA_DIR, make_tiny_checkpoints
 
 import loopus
-from loopus.eval.lm_eval_model import LoopUSLM, _accepts
+from loopus.eval.lm_eval_model import LoopUSLM
 
 CONTEXTS = [
     "Question: Which gas do plants take in from the air?\nAnswer:",
@@ -54,6 +55,8 @@ def test_loglikelihood_equals_hf_at_one_loop(tiny):
     want = hf.loglikelihood(reqs)
     got = lp.loglikelihood(reqs)
     assert len(got) == len(want) == len(reqs)
+    # Equal up to float rounding, not bit for bit by design: the adapter applies lm_head to the
+    # continuation positions only, in chunks, i.e. matmuls of other shapes that BLAS may sum in another order.
     for (a, ga), (b, gb) in zip(got, want):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
         assert ga == gb
@@ -67,7 +70,7 @@ def test_rolling_equals_hf_disjoint_windows(tiny):
     reqs = [Instance("loglikelihood_rolling", {}, (text,), 0), Instance("loglikelihood_rolling", {}, ("Short text.",), 1)]
     want = hf.loglikelihood_rolling(reqs)
     got = lp.loglikelihood_rolling(reqs)
-    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(want, rel=1e-5)  # lm_head in chunks, as above
 
 
 def test_max_length_comes_from_the_base_config(tiny):
@@ -96,12 +99,8 @@ def test_num_loops_is_a_model_arg(tiny):
 
 def test_exit_args_are_passed_or_refused(tiny):
     _, loop_dir = tiny
-    from loopus.modeling import LoopUSForCausalLM
-
-    if not _accepts(LoopUSForCausalLM.forward, "exit_strategy"):
-        with pytest.raises(ValueError, match="exit"):
-            LoopUSLM(pretrained=str(loop_dir), num_loops=4, exit_strategy="threshold", exit_threshold=0.9)
-        return
+    with pytest.raises(ValueError, match="exit_threshold for 'threshold' is a probability"):
+        LoopUSLM(pretrained=str(loop_dir), num_loops=4, exit_strategy="threshold", exit_threshold=2.0)
     lm = LoopUSLM(pretrained=str(loop_dir), num_loops=4, exit_strategy="threshold", exit_threshold=1e-6, min_loops=1)
     lm.loglikelihood(_ll_requests()[:3])
     # a threshold near 0 lets every token stop after min_loops: fewer passes than the fixed budget
@@ -118,10 +117,7 @@ def test_exit_rule_that_never_fires_gives_the_fixed_budget_metrics(tiny, data_di
     the exit path (exit kwargs, prefill_exit, the padding mask in padded batches of 4).
     """
     from loopus.eval.harness import evaluate_loopus
-    from loopus.modeling import LoopUSForCausalLM
 
-    if not _accepts(LoopUSForCausalLM.forward, "exit_strategy"):
-        pytest.skip("this LoopUSForCausalLM has no adaptive exit")
     monkeypatch.setenv("LOOPUS_DATA", str(data_dir))
     _, loop_dir = tiny
     report = evaluate_loopus(
@@ -142,22 +138,32 @@ def test_base_checkpoint_is_refused(tiny):
 
 
 def test_simple_evaluate_by_name_after_importing_the_adapter(tiny, tmp_path, monkeypatch):
-    """`simple_evaluate(model="loopus")` in a fresh interpreter, after `import loopus.eval.lm_eval_model`."""
+    """`simple_evaluate(model="loopus")` in a fresh interpreter, after `import loopus.eval.lm_eval_model`,
+    scores exactly as the adapter built here does."""
+    from lm_eval import simple_evaluate
+
     from eval_fixtures import write_winogrande
+    from loopus.eval import task_manager
 
     write_winogrande(tmp_path)
+    monkeypatch.setenv("LOOPUS_DATA", str(tmp_path))
     _, loop_dir = tiny
     code = (
-        "import loopus.eval.lm_eval_model, lm_eval\n"
+        "import json, loopus.eval.lm_eval_model, lm_eval\n"
         "from loopus.eval import task_manager\n"
         f"r = lm_eval.simple_evaluate(model='loopus', model_args='pretrained={loop_dir},num_loops=2',"
         " tasks=['winogrande'], task_manager=task_manager(include_defaults=False))\n"
-        "print('ACC', r['results']['winogrande']['acc,none'])\n"
+        "print(json.dumps({'model': r['config']['model'], 'samples': r['n-samples']['winogrande'],"
+        " 'acc': r['results']['winogrande']['acc,none']}))\n"
     )
-    env = {**__import__("os").environ, "LOOPUS_DATA": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ACC" in out.stdout
+    by_name = json.loads(out.stdout.strip().splitlines()[-1])
+    assert by_name["model"] == "loopus" and by_name["samples"] == {"original": 4, "effective": 4}
+    direct = simple_evaluate(model=LoopUSLM(pretrained=str(loop_dir), num_loops=2), tasks=["winogrande"],
+                             task_manager=task_manager(include_defaults=False))
+    assert by_name["acc"] == direct["results"]["winogrande"]["acc,none"]
+    assert by_name["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # a share of the 4 sentences
 
 
 def test_register_lm_eval_is_lazy():
@@ -175,10 +181,6 @@ def test_register_lm_eval_is_lazy():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
-@pytest.mark.skipif(
-    not hasattr(loopus, "eval") or "register_lm_eval" not in open(loopus.__file__).read(),
-    reason="loopus/__init__.py does not call loopus.eval.register_lm_eval() yet (one line, lead's file)",
-)
 def test_import_loopus_registers_the_model():
     code = "import loopus\nfrom lm_eval.api.registry import get_model\nprint(get_model('loopus').__name__)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -196,6 +198,6 @@ def test_real_gemma_loopus_one_loop_equals_hf(gemma):
     reqs = [Instance("loglikelihood", {}, (CONTEXTS[0], c), i) for i, c in enumerate(CONTINUATIONS[:3])]
     reqs.append(Instance("loglikelihood", {}, (CONTEXTS[1], " Paris"), 3))
     want, got = hf.loglikelihood(reqs), lp.loglikelihood(reqs)
-    for (a, ga), (b, gb) in zip(got, want):
+    for (a, ga), (b, gb) in zip(got, want):  # lm_head in chunks, as in the tiny-model test (262k-wide rows here)
         assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
         assert ga == gb

@@ -12,20 +12,14 @@ from loopus.eval.tasks.utils import load_hellaswag, load_mmlu, wikitext_pages
 
 @pytest.fixture(scope="module")
 def tm(data_dir):
-    import os
-
-    os.environ["LOOPUS_DATA"] = str(data_dir)
-    return task_manager(include_defaults=False)
-
-
-def _task(tm, name):
-    return tm.load([name])["tasks"][name] if hasattr(tm, "load") else None
+    """The shipped tasks, reading `data_dir` while this module's tests run (the setting is restored after)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOPUS_DATA", str(data_dir))
+        yield task_manager(include_defaults=False)
 
 
 def _load(tm, name):
-    from lm_eval.tasks import get_task_dict
-
-    return get_task_dict([name], tm)[name]
+    return tm.load([name])["tasks"][name]
 
 
 EXPECTED = {  # task: (number of eval docs, first prompt, first target)
@@ -88,7 +82,7 @@ def test_winogrande_official_format(tmp_path, monkeypatch):
     assert task.doc_to_text(docs[3]) == 1  # answer "2"
 
 
-def test_winogrande_labels_must_align(tmp_path, monkeypatch):
+def test_winogrande_labels_must_align(tmp_path):
     from loopus.eval.tasks.utils import load_winogrande
 
     write_winogrande(tmp_path, labels=["1", "2"])

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loopus
-from conftest import tiny_base
 from loopus.train import TrainConfig, Trainer
 from loopus.train.objective import RDSPlan, rds_step
-from test_train_helpers import char_tokenizer, write_corpus
+from conftest import char_tokenizer, tiny_base
+from test_train_helpers import write_corpus
 
 torch.set_num_threads(1)
 IDS = torch.randint(4, 97, (2, 11), generator=torch.Generator().manual_seed(0))

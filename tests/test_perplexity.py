@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import loopus
-from conftest import tiny_base
 from loopus.eval.perplexity import mean_and_se, per_loop_perplexity
-from test_train_helpers import char_tokenizer
+from conftest import char_tokenizer, tiny_base
 
 DOCS = ["the cat sat on the mat. " * 6, "a dog ran to the park and back. " * 5, "rivers flow into the sea. " * 4]
 

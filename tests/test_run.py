@@ -1,4 +1,4 @@
-"""`loopus run`: the main job end to end on a tiny model, and honest reporting of unavailable stages."""
+"""`loopus run`: the main job end to end on a tiny model, skipped stages, and errors that stop the job."""
 
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, mo
 
     monkeypatch.setattr(run_cmd, "stage_analyze", fake_analyze)
     monkeypatch.setattr(run_cmd, "stage_train", fake_train)
-    monkeypatch.setattr(run_cmd, "stage_available", lambda stage: (True, "stub"))
     out = tmp_path / "run"
     code = main(["run", "--model", str(tiny_base), "--data", str(data_dir), "--out", str(out),
                  "--tasks", "arc_easy", "--limit", "2", "--loops", "1,2", "--train-steps", "3"])
@@ -74,27 +73,37 @@ def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, mo
     assert [p["label"] for p in points][:2] == ["fixed 1", "fixed 2"]
 
 
-def test_stage_availability_is_detected_by_import():
-    for stage in run_cmd.STAGE_ENTRY_POINTS:
-        ok, why = run_cmd.stage_available(stage)
-        module, attr = run_cmd.STAGE_ENTRY_POINTS[stage]
-        assert (f"{module}.{attr}" in why) and (ok or "not available" in why)
-
-
-def test_run_says_which_stage_is_unavailable(tiny_base, data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(run_cmd.STAGE_ENTRY_POINTS, "train", ("loopus.no_such_stage", "train"))
-    monkeypatch.setitem(run_cmd.STAGE_ENTRY_POINTS, "analyze", ("loopus.dynamics", "no_such_function"))
+def test_skipped_stages_are_reported_and_the_default_split_is_used(tiny_base, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_cmd, "stage_held_out", lambda *args: {})  # scored for real in the test above
     out = tmp_path / "run"
     code = main(["run", "--model", str(tiny_base), "--data", str(data_dir), "--out", str(out),
-                 "--loops", "1,2", "--skip", "evaluate"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "[train] unavailable: loopus.no_such_stage.train" in printed
-    assert "[analyze] unavailable: loopus.dynamics.no_such_function" in printed
+                 "--loops", "1,2", "--skip", "analyze,train,dense,evaluate"])
+    assert code == 0, capsys.readouterr().err
     report = json.loads((out / "run.json").read_text())
-    assert set(report["unavailable"]) == {"train", "analyze"}
     stages = {s["stage"]: s["status"] for s in report["stages"]}
-    assert stages["train"] == stages["dense"] == stages["analyze"] == "unavailable"
-    assert any("not post-trained" in n for n in report["notes"])
+    assert stages == {"analyze": "skipped", "convert": "done", "train": "skipped", "dense": "skipped",
+                      "evaluate": "skipped", "report": "done"}
     assert report["split"] == {"encoder_layers": 2, "decoder_layers": 1}
-    assert "Unavailable stages" in (out / "report.md").read_text()
+    assert json.loads((out / "converted" / "config.json").read_text())["encoder_layers"] == 2
+    assert report["notes"] == ["split not analyzed (skipped by --skip); default encoder 2, decoder 1 used",
+                               "LoopUS was not post-trained: the LoopUS rows are the untrained conversion"]
+    assert report["results"] == {}
+
+
+def test_an_evaluation_error_stops_the_job(tiny_base, data_dir, tmp_path, monkeypatch, capsys):
+    """No retry without adaptive exit: an error from evaluating LoopUS ends the run, in one line."""
+    import loopus.eval.harness as harness
+
+    calls = []
+
+    def refusing(*args, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("unknown exit_strategy 'threshold'")
+
+    monkeypatch.setattr(harness, "evaluate_hf", lambda *args, **kwargs: {})
+    monkeypatch.setattr(harness, "evaluate_loopus", refusing)
+    code = main(["run", "--model", str(tiny_base), "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                 "--loops", "1", "--skip", "analyze,train,dense"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "loopus run: error: unknown exit_strategy 'threshold'"
+    assert len(calls) == 1

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_base
-from test_dynamics import PNG_MAGIC, char_tokenizer, save_tiny_base
+from conftest import char_tokenizer, tiny_base
+from test_dynamics import PNG_MAGIC, save_tiny_base
 
 import loopus
 from loopus.cli import main
@@ -52,7 +52,9 @@ def test_trace_files_are_well_formed(tmp_path):
     assert (tmp_path / "trace.png").read_bytes()[:8] == PNG_MAGIC
     page = (tmp_path / "trace.html").read_text()
     assert page.count("<tr>") == len(trace["tokens"]) + 1
-    assert "&lt;think&gt;" not in page or "<think>" not in page.split("<table>")[1]  # prompt text is escaped
+    assert "<think>" not in page  # the prompt and its tokens are escaped
+    assert "<code>Loops &lt;think&gt; &amp; refine</code>" in page
+    assert all(f"<th>{token}</th>" in page for token in ("&lt;", "&gt;", "&amp;"))
     table = thinking_table(trace)
     assert table.splitlines()[0].split()[:3] == ["pos", "token", "loop"]
     assert len(table.splitlines()) == len(trace["tokens"]) + 2

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from loopus.train.data import IGNORE_INDEX, PAD_SLOT, build_data, parse_corpus, resolve_source, split_row
-from test_train_helpers import char_tokenizer, write_corpus
+from conftest import char_tokenizer
+from test_train_helpers import write_corpus
 
 torch.set_num_threads(1)
 

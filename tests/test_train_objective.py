@@ -15,7 +15,8 @@ from loopus.train.objective import (
     sample_plan,
 )
 from loopus.train.params import apply_freeze, apply_lora, enable_gradient_checkpointing, parameter_groups
-from test_train_helpers import tiny_base, tiny_loopus
+from conftest import tiny_base
+from test_train_helpers import tiny_loopus
 
 torch.set_num_threads(1)
 

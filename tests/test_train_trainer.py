@@ -16,7 +16,8 @@ from loopus.cli import main as cli_main
 from loopus.train import TrainConfig, Trainer, TrainingDiverged
 from loopus.train.checkpointing import STATE_FILE, list_checkpoints, load_checkpoint
 from loopus.train.data import build_data
-from test_train_helpers import char_tokenizer, tiny_base, tiny_loopus, write_corpus
+from conftest import char_tokenizer, tiny_base
+from test_train_helpers import tiny_loopus, write_corpus
 
 torch.set_num_threads(1)
 
@@ -150,6 +151,32 @@ def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path,
         adapted.train()
 
 
+def test_rng_states_of_a_checkpoint_from_before_accelerate_still_restore(tmp_path):
+    """Checkpoints written before the RNG states were Accelerate's hold them as rng-rank{r}.pt."""
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+
+    from loopus.train.checkpointing import load_rng
+
+    np_state = np.random.get_state()
+    torch.save({"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                       *np_state[2:]], "torch": torch.get_rng_state()},
+               tmp_path / "rng-rank0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    load_rng(Accelerator(), tmp_path)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+
+
+def test_trackers_named_in_log_with_must_exist(tmp_path, corpus):
+    with pytest.raises(ValueError, match="TensorBoard is the `tensorboard` option"):
+        config(tmp_path / "t", corpus, log_with=["tensorboard"])
+    with pytest.raises(ValueError, match=r"unknown or not installed: \['no-such-tracker'\]"):
+        Trainer(config(tmp_path / "n", corpus, log_with="no-such-tracker"), model=tiny_loopus("llama"),
+                tokenizer=char_tokenizer())
+
+
 def test_nan_stops_cleanly_and_the_last_checkpoint_loads(tmp_path, corpus, packed):
     tok = char_tokenizer()
     trainer = Trainer(config(tmp_path / "n", corpus), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
@@ -191,14 +218,9 @@ def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
                       model=tiny_loopus("llama"), tokenizer=tok, data=packed,
                       callbacks=[lambda trainer, step, metrics: seen.append(
                           [g["lr"] for g in trainer.optimizer.param_groups])])
-    used: list[list[float]] = []
-    original_step = resumed.optimizer.step
-
-    def recording_step(*args, **kwargs):  # the lr each resumed update really used
-        used.append([g["lr"] for g in resumed.optimizer.param_groups])
-        return original_step(*args, **kwargs)
-
-    resumed.optimizer.step = recording_step
+    used: list[list[float]] = []  # the lr each resumed update really used
+    resumed.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append([g["lr"] for g in optimizer.param_groups]))
     resumed.train()
     assert resumed.step == 4
     names = {id(q): n for n, q in resumed.module.named_parameters()}
@@ -346,7 +368,7 @@ def test_two_process_accelerate_launch_trains_and_saves(tmp_path, corpus, tiny_d
     assert log[0]["processes"] == 2
     steps = [r for r in log if "lm" in r]
     assert len(steps) == 3 and steps[-1]["tokens"] == 3 * 2 * 2 * 16
-    assert (out / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
+    assert (out / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()  # rank 1's RNG states
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LoopUSForCausalLM"
 

@@ -6,6 +6,7 @@ from .cache import LoopKVCache
 from .checkpoint import CheckpointError
 from .config import LoopUSConfig, SplitError, register_peft_defaults
 from .convert import UnsupportedArchitectureError, convert
+from .errors import LoopUSError
 from .modeling import LoopUSForCausalLM
 
 AutoConfig.register("loopus", LoopUSConfig)
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "LoopKVCache",
     "LoopUSConfig",
+    "LoopUSError",
     "LoopUSForCausalLM",
     "SplitError",
     "UnsupportedArchitectureError",

@@ -1,9 +1,10 @@
 """`LoopKVCache`: a `transformers` Cache whose slots are addressed by (base layer, loop depth).
 
 Layout
-    The base model's attention modules call `cache.update(k, v, layer_idx)` with their own layer index.
-    The looped model sets `cache.depth` (and `cache.active_rows`, see below) before each pass of the
-    reasoning block and the cache routes the call to the right slot. Encoder and decoder layers have
+    The base model's attention modules call `update(k, v, layer_idx)` with their own layer index on
+    what the looped model passes them: for each pass, a view `cache.at(depth, rows, probe)` that names
+    the loop depth, the batch rows computing it and whether it is a probe, so the cache routes the
+    call to the right slot. Encoder and decoder layers have
     one slot each. Every slot is a stock `DynamicLayer` / `DynamicSlidingWindowLayer`, and every slot
     always holds every token position, so `get_seq_length`, `get_mask_sizes`, `crop`,
     `reorder_cache` (beam search), `batch_repeat_interleave` and `batch_select_indices` work slot by
@@ -15,9 +16,9 @@ kv_mode="per_depth" (default)
     Memory grows linearly with `max_depth`.
 
 kv_mode="shared" (constant memory, MELT-like)
-    Each reasoning layer has ONE slot for all depths. Loop 1 of a new token appends its entry; each
-    later loop overwrites that same entry with the refined one, so earlier tokens are always seen
-    through the KV of the deepest loop they ran. The bytes held do not depend on the loop budget
+    Each reasoning layer has ONE slot for all depths. While a forward loops, each pass attends to the
+    stored past plus its own new entry; after the loop the deepest entry is stored, so earlier tokens
+    are always seen through the KV of the deepest loop they ran. The bytes held do not depend on the loop budget
     (tested); the price is that it is not the uncached computation for budgets > 1 (its perplexity
     cost is measured in `bench/decode.py`). With one loop both modes are identical.
 
@@ -28,14 +29,14 @@ Tokens that exit early (adaptive depth)
     deeper attends to the earlier token's most refined KV. In "shared" mode this holds by
     construction (the entry simply stays at depth d). When a whole forward stops before
     `max_depth`, `finish_loops` writes those copies into the remaining per-depth slots, so every slot
-    keeps every position. In a batch where only some rows still loop, `active_rows` (indices into the
-    batch) says which rows the reasoning layers are computing; the cache builds the full-batch entry
+    keeps every position. In a batch where only some rows still loop, the view's `rows` (indices into
+    the batch) says which rows the reasoning layers are computing; the cache builds the full-batch entry
     from the rows' new KV and the other rows' latest KV, stores it, and returns the keys/values of
     the active rows only, so exited rows do no attention or MLP work.
 
 Decoder probes
     The `kl` exit strategy needs the next-token distribution after intermediate loops, i.e. a pass
-    of the decoder layers that must not be stored. While `probe` is True, decoder-layer updates
+    of the decoder layers that must not be stored. Through a view with `probe=True`, decoder-layer updates
     return the past KV plus the new entries without storing anything.
 
 Per-token loop passes
@@ -92,22 +93,17 @@ class LoopKVCache(Cache):
         self._depths = depths
         layers = [DYNAMIC_LAYER_TYPE_MAPPING[layer_types[b]](**layer_kwargs[b]) for b in slot_bases]
         super().__init__(layers=layers)
-        self.depth = 0
-        self.active_rows: torch.LongTensor | None = None
-        self.probe = False
         self.loop_passes: torch.LongTensor | None = None
-        self._latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._before_forward: dict[int, tuple] = {}
+        self._latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's newest KV per block layer
 
     # -- addressing -------------------------------------------------------------------------------
 
-    def slot(self, layer_idx: int, depth: int | None = None) -> int:
-        """Physical slot of base layer `layer_idx` at loop depth `depth` (default: the current one)."""
+    def slot(self, layer_idx: int, depth: int = 0) -> int:
+        """Physical slot of base layer `layer_idx` at loop depth `depth` (0-based; ignored outside the block)."""
         if layer_idx < self.reasoning.start:
             return layer_idx
         if layer_idx >= self.reasoning.stop:
             return self._encoder_layers + self._depths * len(self.reasoning) + layer_idx - self.reasoning.stop
-        depth = self.depth if depth is None else depth
         if depth >= self.max_depth:
             raise ValueError(
                 f"this cache holds {self.max_depth} loop depths but loop {depth + 1} was requested: "
@@ -128,75 +124,81 @@ class LoopKVCache(Cache):
 
     # -- the hot path -------------------------------------------------------------------------------
 
+    def at(self, depth: int | None = None, rows: torch.LongTensor | None = None, probe: bool = False) -> "CacheView":
+        """What one pass of layer calls writes to: loop `depth` (0-based; None for encoder/decoder calls),
+        the batch `rows` computing it (None: all), and `probe` (decoder calls that store nothing)."""
+        return CacheView(self, depth, rows, probe)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stock `Cache.update` for encoder and decoder layers; reasoning layers go through `at(depth)`."""
+        if self.reasoning.start <= layer_idx < self.reasoning.stop:
+            raise ValueError(
+                f"layer {layer_idx} is a reasoning layer: its KV depends on the loop depth, so write through "
+                "cache.at(depth, rows) (LoopUSForCausalLM does this for its layers)"
+            )
+        return super().update(key_states, value_states, self.slot(layer_idx), *args, **kwargs)
+
+    def write(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        depth: int | None,
+        rows: torch.LongTensor | None,
+        probe: bool,
+        *args,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (or, for probes, only show) one layer call's KV and return what its attention reads."""
         if not self.reasoning.start <= layer_idx < self.reasoning.stop:
-            slot = self.slot(layer_idx)
-            if self.probe and layer_idx >= self.reasoning.stop:
-                return self._peek(slot, key_states, value_states)
-            return super().update(key_states, value_states, slot, *args, **kwargs)
-
-        rows = self.active_rows
-        if rows is not None:
-            # Exited rows keep their latest entry; the active rows bring their new one.
+            if probe:
+                return self._peek(self.slot(layer_idx), key_states, value_states, rows)
+            return self.update(key_states, value_states, layer_idx, *args, **kwargs)
+        if depth is None:
+            raise ValueError(f"layer {layer_idx} is a reasoning layer: the call must name its loop depth")
+        slot = self.slot(layer_idx, depth)
+        if rows is None:
+            self._latest[layer_idx] = (key_states, value_states)
+        else:  # exited rows keep their latest entry; the active rows bring their new one
             latest_k, latest_v = self._latest[layer_idx]
-            key_states = latest_k.index_copy(0, rows, key_states)
-            value_states = latest_v.index_copy(0, rows, value_states)
-        self._latest[layer_idx] = (key_states, value_states)
-
-        slot = self.slot(layer_idx)
-        layer = self.layers[slot]
+            self._latest[layer_idx] = (latest_k.index_copy(0, rows, key_states), latest_v.index_copy(0, rows, value_states))
         if self.kv_mode == "shared":
-            if self.depth == 0 or slot not in self._before_forward:
-                self._before_forward[slot] = (layer.keys, layer.values, getattr(layer, "cumulative_length", None),
-                                              layer.is_initialized)
-            else:
-                # A later loop replaces this forward's entries: go back to the state before them.
-                keys, values, cumulative, initialized = self._before_forward[slot]
-                if initialized:
-                    layer.keys, layer.values = keys, values
-                    if cumulative is not None:
-                        layer.cumulative_length = cumulative
-                else:
-                    layer.reset()
-        keys, values = super().update(key_states, value_states, slot, *args, **kwargs)
+            # One slot for every depth: until `finish_loops` stores the deepest entry, each pass sees the
+            # stored past plus its own new entry.
+            return self._peek(slot, key_states, value_states, rows)
+        keys, values = super().update(*self._latest[layer_idx], slot, *args, **kwargs)
         if rows is not None:
             keys, values = keys.index_select(0, rows), values.index_select(0, rows)
         return keys, values
 
-    def _peek(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        """Past KV of `slot` (active rows) plus the new entries, as `update` would return them, storing nothing."""
+    def _peek(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, rows: torch.LongTensor | None):
+        """Past KV of `slot` (for `rows`) plus the new entries of `rows`, as a stored update returns them; stores nothing."""
         layer = self.layers[slot]
         if not layer.is_initialized or layer.keys.numel() == 0:
             return key_states, value_states
         keys, values = layer.keys, layer.values
-        if self.active_rows is not None:
-            keys, values = keys.index_select(0, self.active_rows), values.index_select(0, self.active_rows)
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
     def start_forward(self) -> None:
-        """Called by the model before the encoder of every forward."""
-        self.depth = 0
-        self.active_rows = None
-        self.probe = False
+        """Called by the model before the encoder of every forward: no KV of an earlier forward is pending."""
         self._latest.clear()
-        self._before_forward.clear()
 
     def finish_loops(self, depths_run: int, passes: torch.LongTensor) -> None:
-        """After the loop: copy the latest KV into the depths nobody ran, record per-token passes."""
-        if self.kv_mode == "per_depth" and self._latest:
-            self.active_rows = None
-            for depth in range(depths_run, self.max_depth):
-                for layer_idx in self.reasoning:
+        """After the loop: store the latest KV where no pass wrote it (the depths nobody ran; in shared mode
+        the one slot), and record per-token passes."""
+        first_unwritten = 0 if self.kv_mode == "shared" else depths_run
+        for depth in range(first_unwritten, self._depths):
+            for layer_idx in self.reasoning:
+                if layer_idx in self._latest:
                     keys, values = self._latest[layer_idx]
                     super().update(keys, values, self.slot(layer_idx, depth))
         passes = passes.to(torch.long)
         self.loop_passes = passes if self.loop_passes is None else torch.cat([self.loop_passes, passes], dim=-1)
-        self.depth = 0
-        self.active_rows = None
         self._latest.clear()
-        self._before_forward.clear()
 
     # -- what users and `generate` need -----------------------------------------------------------
 
@@ -240,3 +242,14 @@ class LoopKVCache(Cache):
         super().batch_select_indices(indices)
         if self.loop_passes is not None:
             self.loop_passes = self.loop_passes[indices]
+
+
+class CacheView:
+    """One pass of layer calls, addressed: the base attention modules call `update(k, v, layer_idx)` on this
+    view, and it tells the cache the loop depth, the batch rows and whether the pass is a probe."""
+
+    def __init__(self, cache: LoopKVCache, depth: int | None, rows: torch.LongTensor | None, probe: bool):
+        self.cache, self.depth, self.rows, self.probe = cache, depth, rows, probe
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.cache.write(key_states, value_states, layer_idx, self.depth, self.rows, self.probe, *args, **kwargs)

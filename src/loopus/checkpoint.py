@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import LoopUSError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(LoopUSError, RuntimeError):
     """A checkpoint directory that cannot be loaded as it is."""
 
 
@@ -75,14 +78,29 @@ def check_model_dir(path: str | os.PathLike) -> None:
         _check_safetensors_file(root / shard)
 
 
-def _looks_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether `name` is meant as a local path rather than a hub id (`repo` or `namespace/repo`).
+
+    Absolute, `./`, `../` and `~` names are paths; so is any name with a path separator, except the
+    `namespace/repo` shape of a hub id (one separator, no leading dot).
+    """
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    seps = [s for s in (os.sep, os.altsep) if s]
+    prefixes = ("~", *seps, *(d + s for d in (".", "..") for s in seps))
+    if text in (".", "..") or text.startswith(prefixes):
+        return True
+    return any(s in text for s in seps) and not _HUB_ID.fullmatch(text)
 
 
 def load_checked(loader: Callable[..., Any], name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
     """Call a `from_pretrained` after checking a local directory, and refuse weights that did not load."""
     name = os.path.expanduser(str(name_or_path))
-    if _looks_local(name):
+    if looks_like_path(name) or os.path.exists(name):
         check_model_dir(name)
     wants_info = kwargs.pop("output_loading_info", False)
     model, info = loader(name, *args, output_loading_info=True, **kwargs)

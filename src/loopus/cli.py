@@ -8,6 +8,7 @@ import pkgutil
 import sys
 
 from . import commands
+from .errors import LoopUSError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = extra
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        # Bad input ends in one clear line naming the problem, not a traceback.
+    except (LoopUSError, ValueError, FileNotFoundError) as err:
+        # Refused input ends in one line naming the problem; anything else is a bug and keeps its traceback.
         _end_progress_bars()
         print(f"loopus {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2

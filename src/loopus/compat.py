@@ -1,6 +1,7 @@
 """The one place where loopus adapts to the installed `transformers` release.
 
-transformers 5.24 renamed the KV-cache argument from `past_key_values` to `cache` in the mask
+transformers 5.24 renamed `gradient_checkpointing_enable`/`_disable` to `activation_checkpointing_*`
+(the old names warn), and the KV-cache argument from `past_key_values` to `cache` in the mask
 builders, in every decoder layer's `forward`, in `GenerationMixin` and in the model outputs (the old
 name stays a deprecated alias until 5.40). Passing the old name next to generation's new one makes a
 layer receive both and write into the wrong cache. So loopus never hard-codes either name: it asks
@@ -41,3 +42,9 @@ def output_cache(output: Any) -> Any:
         if name in output.__dataclass_fields__:
             return getattr(output, name)
     raise TypeError(f"{type(output).__name__} holds no KV cache field")
+
+
+def checkpointing_method(model: Any, action: str) -> Callable[..., None]:
+    """`model.activation_checkpointing_{action}` (transformers >= 5.24), else 5.22's
+    `gradient_checkpointing_{action}`; `action` is "enable" or "disable"."""
+    return getattr(model, f"activation_checkpointing_{action}", None) or getattr(model, f"gradient_checkpointing_{action}")

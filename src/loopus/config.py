@@ -1,20 +1,29 @@
-"""`LoopUSConfig`: the base model's config plus every choice the looped recasting makes."""
+"""`LoopUSConfig`: the base model's config plus every choice the looped recasting makes.
+
+Its `__init__` states the default of every choice once; `convert` and the `loopus` commands read them
+from here (`LoopUSConfig()` is a config with every default).
+"""
 
 from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .cache import KV_MODES
 from .checkpoint import CheckpointError
+from .errors import LoopUSError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
+# Calibration tokens the split analysis reads by default: with 1024 the encoder boundary of Gemma 3 270M
+# moves and the chosen split gets worse (docs/RESULTS.md, issue 5).
+CALIBRATION_TOKENS = 2048
 
 
-class SplitError(ValueError):
+class SplitError(LoopUSError, ValueError):
     """An encoder / reasoning / decoder split that cannot be built."""
 
 
@@ -30,53 +39,6 @@ def check_int(value: Any, name: str, minimum: int) -> int:
 def check_num_loops(value: Any) -> int:
     """A loop budget: an integer >= 1."""
     return check_int(value, "num_loops", 1)
-
-
-def _as_count(layers: int | Sequence[int], num_layers: int, side: str) -> int:
-    """Turn `N` or an explicit index list into a layer count, checking the list is a contiguous edge."""
-    if isinstance(layers, bool) or not isinstance(layers, (numbers.Integral, Sequence)) or isinstance(layers, str):
-        raise SplitError(
-            f"{side}_layers must be a layer count (int) or a list of layer indices, got {layers!r} ({type(layers).__name__})"
-        )
-    if isinstance(layers, numbers.Integral):
-        layers = int(layers)
-        if layers < 0 or layers > num_layers:
-            raise SplitError(f"{side}_layers={layers} is out of range for a model with {num_layers} layers")
-        return layers
-    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers):
-        raise SplitError(f"{side}_layers={list(layers)} must list integer layer indices")
-    indices = sorted(int(i) for i in layers)
-    if len(set(indices)) != len(indices):
-        raise SplitError(f"{side}_layers={list(layers)} repeats a layer index")
-    bad = [i for i in indices if i < 0 or i >= num_layers]
-    if bad:
-        raise SplitError(f"{side}_layers has indices {bad} outside 0..{num_layers - 1}")
-    expected = list(range(len(indices))) if side == "encoder" else list(range(num_layers - len(indices), num_layers))
-    if indices != expected:
-        edge = "first" if side == "encoder" else "last"
-        raise SplitError(
-            f"{side}_layers={indices} must be the {edge} {len(indices)} layers {expected}: "
-            "the encoder is a prefix of the stack and the decoder a suffix"
-        )
-    return len(indices)
-
-
-def resolve_split(
-    num_layers: int, encoder_layers: int | Sequence[int], decoder_layers: int | Sequence[int]
-) -> tuple[int, int]:
-    """Validate a split and return (encoder count, decoder count); the reasoning block is what lies between."""
-    num_encoder = _as_count(encoder_layers, num_layers, "encoder")
-    num_decoder = _as_count(decoder_layers, num_layers, "decoder")
-    if num_encoder + num_decoder > num_layers:
-        raise SplitError(
-            f"encoder ({num_encoder}) and decoder ({num_decoder}) layers overlap in a model with {num_layers} layers"
-        )
-    if num_encoder + num_decoder == num_layers:
-        raise SplitError(
-            f"encoder ({num_encoder}) + decoder ({num_decoder}) take all {num_layers} layers: "
-            "the reasoning block must keep at least 1 layer"
-        )
-    return num_encoder, num_decoder
 
 
 def register_peft_defaults() -> None:
@@ -150,8 +112,8 @@ class LoopUSConfig(PretrainedConfig):
             raise ValueError(f"depth_lora_alpha must be a positive number, got {depth_lora_alpha!r}")
         check_int(encoder_layers, "encoder_layers", 0)
         check_int(decoder_layers, "decoder_layers", 0)
-        if kv_mode not in ("per_depth", "shared"):
-            raise ValueError(f"kv_mode must be 'per_depth' or 'shared', got {kv_mode!r}")
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "LoopUSConfig":

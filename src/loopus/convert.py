@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 from typing import Sequence
 
 from transformers import PreTrainedModel
 
-from .config import SUPPORTED_MODEL_TYPES, LoopUSConfig, SplitError, resolve_split
+from .config import CALIBRATION_TOKENS, SUPPORTED_MODEL_TYPES, LoopUSConfig, SplitError
+from .errors import LoopUSError
 from .modeling import LoopUSForCausalLM
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LoopUSError, ValueError):
     """The base model's family has no adapter."""
 
 
@@ -28,6 +30,66 @@ def check_supported(base_model: PreTrainedModel) -> None:
         raise UnsupportedArchitectureError("bidirectional-attention variants are not decoder-only LMs")
 
 
+def check_split(num_layers: int, encoder_layers: int, decoder_layers: int) -> None:
+    """Refuse encoder / decoder layer counts that do not leave a reasoning block in `num_layers` layers.
+
+    The encoder is the first `encoder_layers` base layers and the decoder the last `decoder_layers`;
+    the loop runs the layers between them, so it must keep at least one. Raises `SplitError`.
+    """
+    for side, count in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise SplitError(
+                f"{side}_layers must be a layer count (an int), got {count!r} ({type(count).__name__})"
+            )
+        if not 0 <= count < num_layers:
+            raise SplitError(
+                f"{side}_layers={count} is out of range for a model with {num_layers} layers: "
+                f"give a count from 0 to {num_layers - 1}"
+            )
+    if encoder_layers + decoder_layers > num_layers:
+        raise SplitError(
+            f"encoder ({encoder_layers}) and decoder ({decoder_layers}) layers overlap in a model with "
+            f"{num_layers} layers: together they may take at most {num_layers - 1}"
+        )
+    if encoder_layers + decoder_layers == num_layers:
+        raise SplitError(
+            f"encoder ({encoder_layers}) + decoder ({decoder_layers}) take all {num_layers} layers: "
+            "the reasoning block must keep at least 1 layer, so give fewer encoder or decoder layers"
+        )
+
+
+def _as_count(layers: int | Sequence[int], num_layers: int, side: str) -> int:
+    """A layer count from `N` or an explicit index list, checking that the list is a contiguous edge."""
+    if not isinstance(layers, Sequence) or isinstance(layers, str):
+        return layers  # a count, or no count at all: `check_split` judges it
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers):
+        raise SplitError(f"{side}_layers={list(layers)} must list integer layer indices")
+    indices = sorted(int(i) for i in layers)
+    if len(set(indices)) != len(indices):
+        raise SplitError(f"{side}_layers={list(layers)} repeats a layer index")
+    bad = [i for i in indices if i < 0 or i >= num_layers]
+    if bad:
+        raise SplitError(f"{side}_layers has indices {bad} outside 0..{num_layers - 1}")
+    expected = list(range(len(indices))) if side == "encoder" else list(range(num_layers - len(indices), num_layers))
+    if indices != expected:
+        edge = "first" if side == "encoder" else "last"
+        raise SplitError(
+            f"{side}_layers={indices} must be the {edge} {len(indices)} layers {expected}: "
+            "the encoder is a prefix of the stack and the decoder a suffix"
+        )
+    return len(indices)
+
+
+def resolve_split(
+    num_layers: int, encoder_layers: int | Sequence[int], decoder_layers: int | Sequence[int]
+) -> tuple[int, int]:
+    """Validate a split and return (encoder count, decoder count); the reasoning block is what lies between."""
+    num_encoder = _as_count(encoder_layers, num_layers, "encoder")
+    num_decoder = _as_count(decoder_layers, num_layers, "decoder")
+    check_split(num_layers, num_encoder, num_decoder)
+    return int(num_encoder), int(num_decoder)
+
+
 def _resolve_auto_split(
     base_model: PreTrainedModel,
     tokenizer,
@@ -38,7 +100,8 @@ def _resolve_auto_split(
     constraints,
 ) -> tuple[int, int, dict | None]:
     """(encoder, decoder, analysis) for `split` = "auto", a split.json path, or an (encoder, decoder) pair."""
-    from .dynamics import analyze, load_split
+    from .dynamics import analyze
+    from .split import load_split
 
     if isinstance(split, (tuple, list)):
         if len(split) != 2:
@@ -78,14 +141,14 @@ def convert(
     tokenizer=None,
     data: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
-    calibration_tokens: int = 1024,
+    calibration_tokens: int = CALIBRATION_TOKENS,
     constraints=None,
-    num_loops: int = 4,
-    gate_rank: int = 64,
-    gate_init: float = 0.02,
-    kv_mode: str = "per_depth",
-    depth_lora_rank: int = 0,
-    depth_lora_alpha: float = 32.0,
+    num_loops: int | None = None,
+    gate_rank: int | None = None,
+    gate_init: float | None = None,
+    kv_mode: str | None = None,
+    depth_lora_rank: int | None = None,
+    depth_lora_alpha: float | None = None,
 ) -> LoopUSForCausalLM:
     """Wrap `base_model` as encoder (first layers) -> looped reasoning block -> decoder (last layers).
 
@@ -96,6 +159,8 @@ def convert(
     is the same as `split="auto"`. An automatic choice is kept on the model as `model.split_analysis`.
     `base_model` may also be an embedded name, a checkpoint directory or a hub id. The returned model
     shares the base model's modules: with `num_loops=1` it computes exactly the base model.
+    `num_loops`, `gate_rank`, `gate_init`, `kv_mode`, `depth_lora_rank` and `depth_lora_alpha` are stored
+    in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
     `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
     if isinstance(encoder_layers, str):
@@ -122,18 +187,14 @@ def convert(
             base_model, tokenizer, split, data, calibration, calibration_tokens, constraints
         )
     num_encoder, num_decoder = resolve_split(base_model.config.num_hidden_layers, encoder_layers, decoder_layers)
-    attn_implementation = base_model.config._attn_implementation
+    options = dict(num_loops=num_loops, gate_rank=gate_rank, gate_init=gate_init, kv_mode=kv_mode,
+                   depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha)
     config = LoopUSConfig(
         base_config=base_model.config,
-        attn_implementation=attn_implementation,
+        attn_implementation=base_model.config._attn_implementation,
         encoder_layers=num_encoder,
         decoder_layers=num_decoder,
-        num_loops=num_loops,
-        gate_rank=gate_rank,
-        gate_init=gate_init,
-        kv_mode=kv_mode,
-        depth_lora_rank=depth_lora_rank,
-        depth_lora_alpha=depth_lora_alpha,
+        **{name: value for name, value in options.items() if value is not None},
         tie_word_embeddings=base_model.config.tie_word_embeddings,
         bos_token_id=base_model.config.bos_token_id,
         eos_token_id=base_model.config.eos_token_id,
@@ -143,3 +204,9 @@ def convert(
     model.generation_config = copy.deepcopy(base_model.generation_config)
     model.split_analysis = analysis
     return model.to(base_model.dtype).train(base_model.training)
+
+
+def as_looped(model: PreTrainedModel, encoder_layers: int, decoder_layers: int) -> LoopUSForCausalLM:
+    """A LoopUS model as it is; a plain causal LM recast with the split, so that it can be scored next to
+    LoopUS models loop by loop (at one loop it computes exactly the plain model)."""
+    return model if isinstance(model, LoopUSForCausalLM) else convert(model, encoder_layers, decoder_layers)

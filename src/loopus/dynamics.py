@@ -13,8 +13,8 @@ transition h_l -> h_{l+1} of the residual stream, h_0 = the embeddings fed to la
 where p_lens(h) = softmax(lm_head(final_norm(h))) (with the model's logit soft-capping). The first
 position of every window (BOS, an attention sink with an outsized norm) is left out.
 
-`choose_split` turns the curves into (encoder, decoder) layer counts; see its docstring for the
-algorithm. `analyze` is both steps plus `split.json` and the PNG, as used by `loopus analyze`.
+`loopus.split.choose_split` turns the curves into (encoder, decoder) layer counts; see its docstring
+for the algorithm. `analyze` is both steps plus `split.json` and the PNG, as used by `loopus analyze`.
 """
 
 from __future__ import annotations
@@ -22,32 +22,23 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .config import SplitError
+from .config import CALIBRATION_TOKENS
+from .modeling import soft_cap
+from .plotting import pyplot, save_figure
+from .split import SplitChoice, SplitConstraints, choose_split
+from .train.data import read_documents, token_windows
 
 DEFAULT_CALIBRATION = ("enwiki/valid.jsonl", "wikitext2/tokenized/valid.txt", "eltec_eng/valid.jsonl")
-METRICS = ("cosine", "relative_update", "cka", "lens_kl", "lens_step_kl", "lens_top1")
-# Change signals the split algorithm can read (see `change_signals`); DEFAULT_SIGNALS is what it reads
-# unless told otherwise.
-ALL_SIGNALS = ("cka", "angle", "relative_update", "lens_step_kl")
-DEFAULT_SIGNALS = ("cka",)
 
 
 # -- calibration text -------------------------------------------------------------------------------
-
-
-def _read_texts(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        from .train.data import read_jsonl_texts
-
-        return list(read_jsonl_texts(path, "text"))
-    return [path.read_text(encoding="utf-8")]
 
 
 def calibration_text(
@@ -82,7 +73,7 @@ def calibration_text(
             )
         path = found[0]
     pieces, size = [], 0
-    for text in _read_texts(path):
+    for text in read_documents(path):
         text = text.strip()
         if not text:
             continue
@@ -108,11 +99,9 @@ def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def _lens_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logit lens: the base model's final norm and head (soft-capped like its output) applied to `hidden`."""
     logits = model.lm_head(model.model.norm(hidden)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return soft_cap(logits, getattr(model.config, "final_logit_softcapping", None))
 
 
 def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -144,17 +133,6 @@ def _cka_matrix(states: list[torch.Tensor], max_positions: int = 1024) -> list[l
             denom = norms[i] * norms[j]
             value = float((grams[i].double() * grams[j].double()).sum()) / denom if denom > 0 else 1.0
             out[i][j] = out[j][i] = value
-    return out
-
-
-def _token_windows(ids: list[int], bos: int | None, window: int) -> list[list[int]]:
-    body = window - (1 if bos is not None else 0)
-    out = []
-    for start in range(0, len(ids), body):
-        chunk = ids[start : start + body]
-        if len(chunk) < 2:
-            break
-        out.append(([bos] if bos is not None else []) + chunk)
     return out
 
 
@@ -285,215 +263,6 @@ def measure_dynamics(
     return metrics
 
 
-# -- choosing the split --------------------------------------------------------------------------------
-
-
-@dataclass
-class SplitConstraints:
-    """Limits on the split. `min_reasoning` may be a count (>= 1) or a share of the layers (< 1)."""
-
-    min_encoder: int = 1
-    min_decoder: int = 1
-    min_reasoning: float = 0.5
-    max_encoder: int | None = None
-    max_decoder: int | None = None
-
-    def reasoning_floor(self, num_layers: int) -> int:
-        if self.min_reasoning < 1:
-            return max(2, math.ceil(self.min_reasoning * num_layers))
-        return int(self.min_reasoning)
-
-
-@dataclass
-class SplitChoice:
-    encoder_layers: int
-    decoder_layers: int
-    num_layers: int
-    score: float
-    reasons: list[str] = field(default_factory=list)
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    change_score: list[float] = field(default_factory=list)
-
-    @property
-    def reasoning_layers(self) -> tuple[int, int]:
-        """First and last base-layer index of the reasoning block (inclusive)."""
-        return self.encoder_layers, self.num_layers - self.decoder_layers - 1
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["reasoning_layers"] = list(self.reasoning_layers)
-        return out
-
-
-def change_signals(
-    metrics: dict[str, Sequence[float]], signals: Sequence[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Per-layer change signals, oriented so that larger = the layer transforms the state more.
-
-    Available: "cka" (1 - linear CKA of h_l and h_l+1), "angle" (arccos of the cosine, degrees),
-    "relative_update", "lens_step_kl". `signals=None` takes `DEFAULT_SIGNALS` that were measured.
-    """
-    available = {}
-    if "cka" in metrics:
-        available["cka"] = 1.0 - np.asarray(metrics["cka"], dtype=float)
-    if "cosine" in metrics:
-        available["angle"] = np.degrees(np.arccos(np.clip(np.asarray(metrics["cosine"], dtype=float), -1.0, 1.0)))
-    for name in ("relative_update", "lens_step_kl"):
-        if name in metrics:
-            available[name] = np.asarray(metrics[name], dtype=float)
-    unknown = sorted(set(signals or ()) - set(ALL_SIGNALS))
-    if unknown:
-        raise ValueError(f"unknown change signal(s) {unknown}; choose from {', '.join(ALL_SIGNALS)}")
-    wanted = list(signals) if signals else [s for s in DEFAULT_SIGNALS if s in available] or list(available)
-    missing = [s for s in wanted if s not in available]
-    if missing or not wanted:
-        raise ValueError(f"metrics lack the change signal(s) {missing or list(ALL_SIGNALS)}; have {sorted(metrics)}")
-    return {name: available[name] for name in wanted}
-
-
-def change_score(metrics: dict[str, Sequence[float]], signals: Sequence[str] | None = None) -> np.ndarray:
-    """One robustly normalised per-layer change score: the mean over signals of log(signal / median)."""
-    scores = []
-    for values in change_signals(metrics, signals).values():
-        values = np.maximum(values, 1e-9)
-        scores.append(np.log(values / np.median(values)))
-    return np.mean(scores, axis=0)
-
-
-def choose_split(
-    metrics: dict[str, Sequence[float]],
-    constraints: SplitConstraints | None = None,
-    num_layers: int | None = None,
-    signals: Sequence[str] | None = None,
-) -> SplitChoice:
-    """Choose (encoder, decoder) layer counts from per-layer change signals.
-
-    Algorithm (three-stage change-point detection with constraints):
-      1. Per layer, a change score c_l = mean over signals of log(signal_l / median(signal)). The default
-         signal is 1 - CKA(h_l, h_l+1) (`DEFAULT_SIGNALS`): it measures how much a layer rearranges the
-         token geometry and, unlike the cosine and the relative update norm, it is blind to the growth of
-         the residual-stream norm (x1400 across Gemma 3 270M) and to the sliding/global attention
-         alternation, which dominate those curves. `signals=` picks others ("angle", "relative_update",
-         "lens_step_kl"). Logs make the score scale-free; the median makes "typical" = 0.
-      2. Every split (e, d) allowed by the constraints (min/max encoder and decoder sizes, a minimum
-         reasoning-block size) is scored by a piecewise-constant fit of c with three segments
-         [0, e), [e, L-d), [L-d, L): the score is the residual sum of squares, so change points land
-         where the level of c jumps.
-      3. Only splits whose middle segment is a plateau count: its mean change must be below both outer
-         segments' means (encoder and decoder transform more than the loop). If none qualifies, the
-         best fit is taken and the reasons say so.
-      4. Splits within 2% of the best cost are near-ties: a boundary layer half-way between plateau and
-         transformation could go either way. It is kept out of the loop (the shortest reasoning block among
-         the near-ties wins): looping a layer that rewrites the state costs more than losing it from the
-         loop. On Gemma 3 270M this is what separates decoder 3 (good) from decoder 2 (poor), see
-         docs/results/issue5.md.
-    Raises `SplitError` when the model has too few layers or the constraints cannot be met.
-    """
-    constraints = constraints or SplitConstraints()
-    c = change_score(metrics, signals)
-    L = len(c) if num_layers is None else int(num_layers)
-    if len(c) != L:
-        raise ValueError(f"metrics have {len(c)} layers, the model {L}")
-    floor = constraints.reasoning_floor(L)
-    for name in ("min_encoder", "min_decoder"):
-        if getattr(constraints, name) < 0:
-            raise SplitError(f"{name} must be >= 0, got {getattr(constraints, name)}")
-    if floor < 1:
-        raise SplitError(f"min_reasoning must leave at least 1 layer, got {constraints.min_reasoning}")
-    if L < 3:
-        raise SplitError(
-            f"a model with {L} layer(s) cannot be split into encoder, reasoning block and decoder: "
-            "at least 3 layers are needed"
-        )
-    need = constraints.min_encoder + constraints.min_decoder + floor
-    if need > L:
-        raise SplitError(
-            f"constraints cannot be met: min_encoder {constraints.min_encoder} + min_reasoning {floor} + "
-            f"min_decoder {constraints.min_decoder} = {need} layers, but the model has {L}"
-        )
-    max_e = L if constraints.max_encoder is None else constraints.max_encoder
-    max_d = L if constraints.max_decoder is None else constraints.max_decoder
-    if max_e < constraints.min_encoder or max_d < constraints.min_decoder:
-        raise SplitError("constraints cannot be met: a max_encoder/max_decoder is below its minimum")
-
-    prefix = np.concatenate([[0.0], np.cumsum(c)])
-    prefix2 = np.concatenate([[0.0], np.cumsum(c * c)])
-
-    def sse(lo: int, hi: int) -> tuple[float, float]:
-        n = hi - lo
-        if n == 0:
-            return 0.0, 0.0
-        s, s2 = prefix[hi] - prefix[lo], prefix2[hi] - prefix2[lo]
-        return s2 - s * s / n, s / n
-
-    candidates = []
-    for e in range(constraints.min_encoder, min(max_e, L) + 1):
-        for d in range(constraints.min_decoder, min(max_d, L) + 1):
-            if L - e - d < floor:
-                continue
-            cost_e, mean_e = sse(0, e)
-            cost_r, mean_r = sse(e, L - d)
-            cost_d, mean_d = sse(L - d, L)
-            plateau = (e == 0 or mean_r < mean_e) and (d == 0 or mean_r < mean_d)
-            candidates.append(
-                {
-                    "encoder_layers": e,
-                    "decoder_layers": d,
-                    "cost": float(cost_e + cost_r + cost_d),
-                    "plateau": bool(plateau),
-                    "means": [float(mean_e), float(mean_r), float(mean_d)],
-                }
-            )
-    if not candidates:
-        raise SplitError("constraints cannot be met: no (encoder, decoder) pair satisfies them")
-    pool = [cand for cand in candidates if cand["plateau"]]
-    reasons = []
-    if not pool:
-        pool = candidates
-        reasons.append(
-            "no allowed split has a middle segment that changes less than both ends; the best three-segment "
-            "fit is used anyway (the curves show no plateau)"
-        )
-    best_cost = min(cand["cost"] for cand in pool)
-    scale = max(best_cost, 1e-9)
-    tolerance = 0.02 * scale + 1e-9
-    near = [cand for cand in pool if cand["cost"] <= best_cost + tolerance]
-    # Near-ties mean a boundary layer is transitional (half-way between plateau and transformation). Such a
-    # layer is kept out of the loop: looping a layer that rewrites the state costs more (each extra pass
-    # drifts further) than losing it from the loop does. So the shortest reasoning block among them wins.
-    chosen = min(near, key=lambda cand: (L - cand["encoder_layers"] - cand["decoder_layers"], cand["cost"]))
-    e, d = chosen["encoder_layers"], chosen["decoder_layers"]
-    mean_e, mean_r, mean_d = chosen["means"]
-    used = ", ".join(change_signals(metrics, signals))
-    reasons.insert(
-        0,
-        f"change score from {used}: encoder layers 0..{e - 1} mean {mean_e:+.2f}, reasoning layers "
-        f"{e}..{L - d - 1} mean {mean_r:+.2f}, decoder layers {L - d}..{L - 1} mean {mean_d:+.2f} "
-        "(log ratio to the median layer)",
-    )
-    reasons.append(
-        f"chosen by a three-segment piecewise-constant fit (residual {chosen['cost']:.3f}) over "
-        f"{len(candidates)} allowed splits; constraints: encoder >= {constraints.min_encoder}, "
-        f"decoder >= {constraints.min_decoder}, reasoning >= {floor} layers"
-    )
-    if len(near) > 1:
-        tied = ", ".join(f"({c['encoder_layers']}, {c['decoder_layers']})" for c in near)
-        reasons.append(
-            f"{len(near)} splits fit within 2% of the best, (encoder, decoder) = {tied}: the boundary layers are "
-            "transitional and are kept out of the loop (the shortest reasoning block among them is taken)"
-        )
-    ranked = sorted(candidates, key=lambda cand: (not cand["plateau"], cand["cost"]))
-    return SplitChoice(
-        encoder_layers=e,
-        decoder_layers=d,
-        num_layers=L,
-        score=chosen["cost"],
-        reasons=reasons,
-        candidates=ranked[:10],
-        change_score=c.tolist(),
-    )
-
-
 # -- the plot ----------------------------------------------------------------------------------------
 
 
@@ -501,11 +270,7 @@ def plot_dynamics(
     metrics: dict[str, Any], choice: SplitChoice, path: str | os.PathLike, title: str = ""
 ) -> None:
     """Per-layer curves with the encoder / reasoning / decoder stages shaded, plus the layer-by-layer CKA map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L = choice.num_layers
     x = np.arange(L)
     panels = [
@@ -575,9 +340,7 @@ def plot_dynamics(
         ha="left",
         fontsize=12,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0, 1, 0.95))
 
 
 # -- end to end ----------------------------------------------------------------------------------------
@@ -589,7 +352,7 @@ def analyze(
     *,
     data: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
-    tokens: int = 2048,
+    tokens: int = CALIBRATION_TOKENS,
     window: int = 512,
     lens_tokens: int = 128,
     constraints: SplitConstraints | None = None,
@@ -614,18 +377,13 @@ def analyze(
         raise ValueError("a tokenizer is needed to read calibration text")
     num_layers = len(_layers(base_model))
     constraints = constraints or SplitConstraints()
-    # check the constraints before the (slow) measurement
-    if num_layers < 3:
-        raise SplitError(
-            f"a model with {num_layers} layer(s) cannot be split into encoder, reasoning block and decoder: "
-            "at least 3 layers are needed"
-        )
-    choose_split({"relative_update": [1.0] * num_layers}, constraints, num_layers)
+    constraints.validate(num_layers)  # before the (slow) measurement
     text, source = calibration_text(data, calibration, max_chars=tokens * 8)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
     if len(ids) < 2:
         raise ValueError(f"calibration data {source} is empty: it gives {len(ids)} token(s)")
-    windows = _token_windows(ids, tokenizer.bos_token_id, window)
+    bos = tokenizer.bos_token_id
+    windows = token_windows(ids, bos, window - (bos is not None), min_tokens=2)
     metrics = measure_dynamics(base_model, windows, lens_tokens=lens_tokens, progress=progress)
     choice = choose_split(metrics, constraints, num_layers)
     result = {
@@ -655,29 +413,3 @@ def analyze(
         result["files"] = [str(out / "split.json"), str(out / "dynamics.png")]
     return result
 
-
-def load_split(path: str | os.PathLike) -> tuple[int, int]:
-    """(encoder, decoder) from a split.json written by `analyze` (a file or the directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "split.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"split file {path} not found (run `loopus analyze` first)")
-    try:
-        split = json.loads(path.read_text())["split"]
-        return int(split["encoder_layers"]), int(split["decoder_layers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a split.json written by loopus analyze ({err})") from None
-
-
-def choice_from_result(result: dict[str, Any]) -> SplitChoice:
-    """The `SplitChoice` recorded in a split.json dict (for re-plotting)."""
-    split = result["split"]
-    return SplitChoice(
-        encoder_layers=split["encoder_layers"],
-        decoder_layers=split["decoder_layers"],
-        num_layers=result["num_layers"],
-        score=float("nan"),
-        reasons=list(result.get("reasons", [])),
-        change_score=list(result.get("change_score", [])),
-    )

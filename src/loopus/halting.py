@@ -92,22 +92,54 @@ class ExitRule:
 
 
 class ExitTracker:
-    """Per-token exit decisions for one forward; holds the running quantities some strategies need.
+    """The exit bookkeeping of one forward: which batch rows still loop, how many passes each ran, and
+    the running quantities some strategies need.
 
-    Buffers are full-batch (batch, seq); each loop passes the `rows` (batch indices) it computed.
-    All work stays on the device: the only host synchronisation is the caller's one per loop,
-    when it turns the returned mask into the next set of active rows.
+    Buffers are full-batch (batch, seq). `active` lists the rows the next pass computes (None: all).
+    A row leaves when every one of its query tokens has met the rule; padding tokens (attention mask 0)
+    never hold a row back. All work stays on the device except one host synchronisation per check,
+    when the exit mask becomes the next set of active rows.
     """
 
-    def __init__(self, rule: ExitRule, batch: int, seq: int, device: torch.device):
+    def __init__(self, rule: ExitRule, batch: int, seq: int, device: torch.device,
+                 attention_mask: torch.Tensor | None = None):
         self.rule = rule
         self.batch = batch
+        self.active: torch.LongTensor | None = None
+        self.passes = torch.zeros(batch, dtype=torch.long, device=device)
+        self.padding = attention_mask[:, -seq:] == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
         self.survival = torch.ones(batch, seq, device=device) if rule.strategy == "cdf" else None
         self.previous_logprobs: torch.Tensor | None = None  # (batch, seq, vocab) for kl
 
     def wants_distribution(self, passes: int) -> bool:
         """Whether the kl strategy needs p_n after pass `passes` (p_{min_loops-1} and on)."""
         return self.rule.needs_distribution and passes >= max(self.rule.min_loops - 1, 1)
+
+    def count_pass(self) -> None:
+        """The active rows ran one more pass."""
+        rows = self.active
+        self.passes = self.passes + 1 if rows is None else self.passes.index_add(0, rows, torch.ones_like(rows))
+
+    def update(
+        self,
+        passes: int,
+        new_state: torch.Tensor,
+        old_state: torch.Tensor,
+        confidence: torch.Tensor | None = None,
+        logprobs: torch.Tensor | None = None,
+    ) -> bool:
+        """Test the active rows' tokens after pass `passes`; drop the rows that are done. False once none is left."""
+        done = self.done(self.active, passes, new_state, old_state, confidence, logprobs)
+        if done is None:
+            return True
+        if self.padding is not None:
+            done = done | (self.padding if self.active is None else self.padding.index_select(0, self.active))
+        still = (~done.all(dim=-1)).nonzero().squeeze(-1)  # the one host sync of an exit check
+        if still.numel() == 0:
+            return False
+        if still.numel() < done.shape[0]:
+            self.active = still if self.active is None else self.active.index_select(0, still)
+        return True
 
     def done(
         self,

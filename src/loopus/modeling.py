@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .adapters import adapters_disabled, depth_adapter_layers, inject_depth_adapters
-from .cache import LoopKVCache
+from .cache import CacheView, LoopKVCache
 from .checkpoint import load_checked
 from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD, cache_kwarg
 from .config import LoopUSConfig, check_int, check_num_loops
@@ -48,6 +48,11 @@ from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
 
 MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's final logit soft-capping, `cap * tanh(logits / cap)`; the identity where the base has none."""
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
 
 
 @dataclass
@@ -76,12 +81,32 @@ class LayerContext:
 
 
 @dataclass
+class LoopPass:
+    """One pass of the reasoning block: the full-batch state h_t after it, and the gate's share `a` for
+    the batch `rows` that ran it (None: all rows; the gate is None for the ungated first pass)."""
+
+    loops: int
+    state: torch.Tensor
+    gate: torch.Tensor | None
+    rows: torch.LongTensor | None
+
+    def full_batch_gate(self) -> torch.Tensor:
+        """The gate share for every row: 0 (the state is kept) for rows that had exited."""
+        if self.rows is None:
+            return self.gate
+        return torch.zeros_like(self.state).index_copy(0, self.rows, self.gate)
+
+
+@dataclass
 class LoopUSCausalLMOutput(CausalLMOutputWithPast):
     """Causal-LM output plus, on request, what each loop produced.
 
     loop_hidden_states: the gated state h_t after each loop, num_loops tensors of (batch, seq, hidden).
     loop_confidences: the confidence head's probability per token and loop, (batch, seq, num_loops).
     gate_coefficients: the gate's mixing share `a` per loop from loop 2 on, (batch, seq, hidden) each.
+    last_hidden_state: the final-normed decoder output, (batch, seq, hidden), always returned, so a
+        caller that needs logits at a few positions only (scoring continuations) applies `lm_logits`
+        there itself and asks for `logits_to_keep=1`.
     loop_passes: reasoning passes each token ran, (batch, seq), always returned. With adaptive exit
         the loop may stop before num_loops; the per-loop tuples above then have one entry per pass
         run, and a row that had exited keeps its last state (gate coefficient 0) in later entries.
@@ -90,6 +115,7 @@ class LoopUSCausalLMOutput(CausalLMOutputWithPast):
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     loop_confidences: torch.Tensor | None = None
     gate_coefficients: tuple[torch.Tensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
     loop_passes: torch.LongTensor | None = None
 
 
@@ -216,8 +242,10 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             position_embeddings = {layer_type: shared for layer_type in masks}
         return LayerContext(masks, position_embeddings, position_ids, cache)
 
-    def run_layers(self, hidden: torch.Tensor, indices: range, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
-        """Run base decoder layers `indices` in order on `hidden`."""
+    def run_layers(self, hidden: torch.Tensor, indices: range, ctx: LayerContext,
+                   cache: LoopKVCache | CacheView | None, **kwargs: Any) -> torch.Tensor:
+        """Run base decoder layers `indices` in order on `hidden`; their KV goes to `cache` (the cache itself
+        for encoder and decoder layers, a `cache.at(depth, rows)` view for a pass of the reasoning block)."""
         for i in indices:
             layer_type = self.layer_types[i]
             hidden = self.layers[i](
@@ -225,15 +253,15 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask=ctx.masks[layer_type],
                 position_embeddings=ctx.position_embeddings[layer_type],
                 position_ids=ctx.position_ids,
-                use_cache=ctx.cache is not None,
-                **{self._layer_cache_kwarg: ctx.cache},
+                use_cache=cache is not None,
+                **{self._layer_cache_kwarg: cache},
                 **kwargs,
             )
         return hidden
 
     def encode(self, inputs_embeds: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
         """h_0: the encoder layers on the embeddings."""
-        return self.run_layers(inputs_embeds, range(self.config.encoder_layers), ctx, **kwargs)
+        return self.run_layers(inputs_embeds, range(self.config.encoder_layers), ctx, ctx.cache, **kwargs)
 
     def loop_step(
         self, state: torch.Tensor, ctx: LayerContext, depth: int, **kwargs: Any
@@ -242,40 +270,63 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
 
         Returns the new state and the gate coefficient (None for the ungated first pass).
         """
-        if ctx.cache is not None:
-            ctx.cache.depth = depth
-            ctx.cache.active_rows = ctx.rows
+        cache = None if ctx.cache is None else ctx.cache.at(depth, ctx.rows)
         if depth == 0:
             # the first pass is the base model's block: no gate, and no depth-wise adapters
             with adapters_disabled(self._depth_tuners):
-                return self.run_layers(state, self.config.reasoning_range, ctx, **kwargs), None
-        proposal = self.run_layers(state, self.config.reasoning_range, ctx, **kwargs)
+                return self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs), None
+        proposal = self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs)
         return self.gate(proposal, state)
 
-    def decode(self, state: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
-        """The decoder layers and the final norm on the last loop state."""
+    def run_loop(self, state: torch.Tensor, ctx: LayerContext, num_loops: int, tracker: ExitTracker | None = None,
+                 **kwargs: Any) -> Iterator[LoopPass]:
+        """The loop: passes of the reasoning block from h_0, yielding h_t for t = 1..num_loops.
+
+        With a `tracker` (adaptive exit), a batch row leaves once all its tokens have met the exit rule,
+        later passes run on the remaining rows only, and the loop ends when none is left.
+        """
+        for depth in range(num_loops):
+            rows = None if tracker is None else tracker.active
+            step_ctx = ctx if rows is None else ctx.select(rows)
+            previous = state if rows is None else state.index_select(0, rows)
+            new, coefficient = self.loop_step(previous, step_ctx, depth, **kwargs)
+            state = new if rows is None else state.index_copy(0, rows, new)
+            if tracker is not None:
+                tracker.count_pass()
+            yield LoopPass(depth + 1, state, coefficient, rows)
+            if tracker is None or depth + 1 == num_loops:
+                continue
+            confidence = self.confidence_head(new) if tracker.rule.needs_confidence else None
+            logprobs = self.probe_logprobs(new, step_ctx, **kwargs) if tracker.wants_distribution(depth + 1) else None
+            if not tracker.update(depth + 1, new, previous, confidence, logprobs):
+                return
+
+    @torch.no_grad()
+    def per_loop_hidden(self, input_ids: torch.LongTensor, loops: Iterable[int],
+                        attention_mask: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(n, h_n, final-normed decoder output) at each loop count in `loops`, without a cache: one encoder
+        pass, one loop to the largest count, the decoder after each requested one (evaluation, perplexity)."""
+        wanted = set(int(n) for n in loops)
+        embeds = self.embed(input_ids)
+        ctx = self.layer_context(embeds, attention_mask, None, None)
+        for step in self.run_loop(self.encode(embeds, ctx), ctx, max(wanted)):
+            if step.loops in wanted:
+                yield step.loops, step.state, self.decode(step.state, ctx)
+
+    def decode(self, state: torch.Tensor, ctx: LayerContext, probe: bool = False, **kwargs: Any) -> torch.Tensor:
+        """The decoder layers and the final norm on a loop state; a `probe` stores nothing in the cache."""
+        cache = ctx.cache.at(rows=ctx.rows, probe=True) if probe and ctx.cache is not None else ctx.cache
         start = self.config.reasoning_range.stop
-        hidden = self.run_layers(state, range(start, len(self.layers)), ctx, **kwargs)
+        hidden = self.run_layers(state, range(start, len(self.layers)), ctx, cache, **kwargs)
         return self.base.model.norm(hidden)
 
     def probe_logprobs(self, state: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
         """Next-token log-probabilities decoded from an intermediate loop state; writes nothing to the cache."""
-        if ctx.cache is not None:
-            ctx.cache.probe = True
-        try:
-            hidden = self.decode(state, ctx, **kwargs)
-        finally:
-            if ctx.cache is not None:
-                ctx.cache.probe = False
-        return torch.log_softmax(self.lm_logits(hidden).float(), dim=-1)
+        return torch.log_softmax(self.lm_logits(self.decode(state, ctx, probe=True, **kwargs)).float(), dim=-1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's head, including Gemma's final logit soft-capping where configured."""
-        logits = self.base.lm_head(hidden)
-        cap = getattr(self.config.base_config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return soft_cap(self.base.lm_head(hidden), getattr(self.config.base_config, "final_logit_softcapping", None))
 
     # -- the forward pass ---------------------------------------------------------------------------
 
@@ -338,58 +389,22 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values.start_forward()
         state = self.encode(inputs_embeds, ctx, **kwargs)
 
-        # The loop. `active` lists the batch rows still looping (None: all of them); a row leaves when
-        # every one of its query tokens has met the exit rule, and later passes run without it.
         batch, seq = state.shape[:2]
         tracker = None
         if exit_rule is not None and ((seq == 1 and decode_step) or prefill_exit):
-            tracker = ExitTracker(exit_rule, batch, seq, state.device)
-        padding = None
-        if tracker is not None and attention_mask is not None and attention_mask.dim() == 2:
-            padding = attention_mask[:, -seq:] == 0  # padding tokens never hold a row back
-        active = None
-        passes = torch.zeros(batch, dtype=torch.long, device=state.device)
+            tracker = ExitTracker(exit_rule, batch, seq, state.device, attention_mask)
         loop_states, confidences, gate_coefficients = [], [], []
-        depths_run = 0
-        for depth in range(num_loops):
-            step_ctx = ctx if active is None else ctx.select(active)
-            previous = state if active is None else state.index_select(0, active)
-            new, coefficient = self.loop_step(previous, step_ctx, depth, **kwargs)
-            if active is None:
-                state, passes = new, passes + 1
-            else:
-                state = state.index_copy(0, active, new)
-                passes = passes.index_add(0, active, torch.ones_like(active))
-            depths_run = depth + 1
+        for step in self.run_loop(state, ctx, num_loops, tracker, **kwargs):
+            state = step.state
             if output_loop_states:
                 loop_states.append(state)
                 confidences.append(self.confidence_head(state))
-                if coefficient is not None:
-                    if active is not None:
-                        coefficient = torch.zeros_like(state).index_copy(0, active, coefficient)
-                    gate_coefficients.append(coefficient)
-            if tracker is None or depths_run == num_loops:
-                continue
-            done = tracker.done(
-                active,
-                depths_run,
-                new,
-                previous,
-                confidence=self.confidence_head(new) if exit_rule.needs_confidence else None,
-                logprobs=self.probe_logprobs(new, step_ctx, **kwargs) if tracker.wants_distribution(depths_run) else None,
-            )
-            if done is None:
-                continue
-            if padding is not None:
-                done = done | (padding if active is None else padding.index_select(0, active))
-            still = (~done.all(dim=-1)).nonzero().squeeze(-1)  # the one host sync of an exit check
-            if still.numel() == 0:
-                break
-            if still.numel() < done.shape[0]:
-                active = still if active is None else active.index_select(0, still)
+                if step.gate is not None:
+                    gate_coefficients.append(step.full_batch_gate())
+        passes = tracker.passes if tracker is not None else torch.full((batch,), step.loops, device=state.device)
         loop_passes = passes.unsqueeze(-1).expand(batch, seq)
         if past_key_values is not None:
-            past_key_values.finish_loops(depths_run, loop_passes)
+            past_key_values.finish_loops(step.loops, loop_passes)
 
         hidden = self.decode(state, ctx, **kwargs)
         logits = self.lm_logits(slice_logits_to_keep(hidden, logits_to_keep))
@@ -404,6 +419,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
             loop_confidences=torch.stack(confidences, dim=-1) if output_loop_states else None,
             gate_coefficients=tuple(gate_coefficients) if output_loop_states else None,
+            last_hidden_state=hidden,
             loop_passes=loop_passes,
         )
 

@@ -47,7 +47,7 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 def data_file(relative: str, override: str | os.PathLike | None = None) -> Path:
     """A file inside the data directory, with an error that says which file and where it was looked for."""
-    path = data_dir(override) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{relative} not found in the data directory {path.parent}")
-    return path
+    root = data_dir(override)
+    if not (root / relative).exists():
+        raise FileNotFoundError(f"{relative} not found in the data directory {root}")
+    return root / relative

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import check_num_loops
+from .plotting import pyplot, save_figure
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
@@ -78,12 +79,10 @@ def trace_loops(
         state = model.encode(embeds, ctx)
         states = [state[0].float().cpu()]
         gates, confidences, top_ids, top_probs = [], [], [], []
-        for depth in range(num_loops):
-            state, coefficient = model.loop_step(state, ctx, depth)
+        for step in model.run_loop(state, ctx, num_loops):
+            state = step.state
             states.append(state[0].float().cpu())
-            gates.append(
-                [1.0] * ids.numel() if coefficient is None else coefficient[0].float().mean(-1).cpu().tolist()
-            )
+            gates.append([1.0] * ids.numel() if step.gate is None else step.gate[0].float().mean(-1).cpu().tolist())
             confidences.append(model.confidence_head(state)[0].float().cpu().tolist())
             probs = torch.softmax(model.lm_logits(model.decode(state, ctx)).float()[0], -1)
             p, i = probs.topk(top_k, dim=-1)
@@ -224,11 +223,7 @@ head's score). Loop 1 equals the base model.</p>
 
 def plot_trace(trace: dict[str, Any], path: str | os.PathLike) -> None:
     """Four panels: PCA trajectories, gate coefficient, successive-state distance, confidence per loop."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     loops = trace["num_loops"]
     coords = np.asarray(trace["pca"]["coords"])  # (loops + 1, seq, 2)
     seq = coords.shape[1]
@@ -282,9 +277,7 @@ def plot_trace(trace: dict[str, Any], path: str | os.PathLike) -> None:
         f"{split['reasoning_layers'][1] - split['reasoning_layers'][0] + 1}/{split['decoder_layers']}: {prompt!r}",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0, 1, 0.96))
 
 
 def write_trace(trace: dict[str, Any], out: str | os.PathLike) -> dict[str, str]:

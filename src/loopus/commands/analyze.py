@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import CALIBRATION_TOKENS
+from ..split import SplitConstraints
+
 
 def add_constraint_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = SplitConstraints()
     g = p.add_argument_group("split constraints")
-    g.add_argument("--min-encoder", type=int, default=1, help="fewest encoder layers (default 1)")
-    g.add_argument("--min-decoder", type=int, default=1, help="fewest decoder layers (default 1)")
+    g.add_argument("--min-encoder", type=int, default=defaults.min_encoder,
+                   help="fewest encoder layers (default %(default)s)")
+    g.add_argument("--min-decoder", type=int, default=defaults.min_decoder,
+                   help="fewest decoder layers (default %(default)s)")
     g.add_argument(
         "--min-reasoning",
         type=float,
-        default=0.5,
-        help="fewest reasoning layers: a count (>= 1) or a share of all layers (< 1; default 0.5)",
+        default=defaults.min_reasoning,
+        help="fewest reasoning layers: a count (>= 1) or a share of all layers (< 1; default %(default)s)",
     )
     g.add_argument("--max-encoder", type=int, default=None, help="most encoder layers")
     g.add_argument("--max-decoder", type=int, default=None, help="most decoder layers")
 
 
-def constraints_from(args: argparse.Namespace):
-    from ..dynamics import SplitConstraints
-
+def constraints_from(args: argparse.Namespace) -> SplitConstraints:
     if args.min_reasoning <= 0:
         raise ValueError(f"--min-reasoning must be > 0, got {args.min_reasoning}")
     if args.min_reasoning >= 1 and args.min_reasoning != int(args.min_reasoning):
@@ -35,7 +39,8 @@ def constraints_from(args: argparse.Namespace):
     )
 
 
-def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--data, --calibration, --tokens: the text the split analysis reads (`analyze`, `convert --split auto`)."""
     p.add_argument("--data", default=None,
                    help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
     p.add_argument(
@@ -44,14 +49,7 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
         help="calibration file: .jsonl with a 'text' field or plain text, absolute or relative to the data dir "
         "(default: enwiki/valid.jsonl)",
     )
-    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
-    p.add_argument("--window", type=int, default=512, help="tokens per forward pass, BOS included (default 512)")
-    p.add_argument(
-        "--lens-tokens",
-        type=int,
-        default=128,
-        help="positions the logit lens (a full-vocabulary projection per layer) runs on; 0 = off (default 128)",
-    )
+    p.add_argument("--tokens", type=int, default=CALIBRATION_TOKENS, help="calibration tokens (default %(default)s)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("base", help="embedded name (gemma-3-270m), checkpoint directory or hub id")
     add_calibration_arguments(p)
+    p.add_argument("--window", type=int, default=512, help="tokens per forward pass, BOS included (default 512)")
+    p.add_argument(
+        "--lens-tokens",
+        type=int,
+        default=128,
+        help="positions the logit lens (a full-vocabulary projection per layer) runs on; 0 = off (default 128)",
+    )
     p.add_argument("--out", required=True, help="output directory for split.json and dynamics.png")
     add_constraint_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,4 +1,8 @@
-"""`loopus convert BASE (--encoder-layers N --decoder-layers N | --split auto|FILE|E,D) --out DIR`."""
+"""`loopus convert BASE (--encoder-layers N --decoder-layers N | --split auto|FILE|E,D) --out DIR`.
+
+Also what every command that runs a model takes: `add_model_arguments` and `load_model` (a LoopUS
+checkpoint, or a base model converted on the fly with a split).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cache import KV_MODES
+from ..checkpoint import is_loopus_checkpoint
+from ..config import LoopUSConfig
 from .analyze import add_calibration_arguments, add_constraint_arguments, constraints_from
+
+SPLIT_HELP = ("'auto' (analyze the base model on calibration text from --data and choose), a split.json "
+              "from `loopus analyze`, or E,D counts")
 
 
 def parse_layers(text: str) -> int | list[int]:
@@ -27,32 +37,89 @@ def parse_split(text: str) -> str | tuple[int, int]:
     return text
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert", help="recast a pretrained causal LM as a LoopUS model")
-    p.add_argument("base", help="embedded name (gemma-3-270m), checkpoint directory or hub id")
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-layers", type=parse_layers, default=None, help="count N, or indices 0,1,2")
     p.add_argument("--decoder-layers", type=parse_layers, default=None, help="count N, or indices 15,16,17")
-    p.add_argument(
-        "--split",
-        type=parse_split,
-        default=None,
-        help="instead of --encoder-layers/--decoder-layers: 'auto' (analyze the base model on calibration "
-        "text from --data and choose), a split.json from `loopus analyze`, or E,D counts",
-    )
+    p.add_argument("--split", type=parse_split, default=None,
+                   help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP}")
+
+
+def split_arguments(args: argparse.Namespace) -> dict | None:
+    """`convert`'s split keywords from --split or --encoder-layers/--decoder-layers; None if none is given."""
+    layers = {"encoder_layers": args.encoder_layers, "decoder_layers": args.decoder_layers}
+    given = [value is not None for value in layers.values()]
+    if args.split is not None:
+        if any(given):
+            raise ValueError("give either --split or --encoder-layers/--decoder-layers, not both")
+        return {"split": args.split}
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("give both --encoder-layers and --decoder-layers, or --split auto (or --split split.json)")
+    return layers
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL and how to convert it when it is a base model (see `load_model`)."""
+    p.add_argument("model", help="LoopUS checkpoint directory, or a base model (embedded name such as "
+                   "gemma-3-270m, checkpoint directory, hub id) with a split, converted on the fly")
+    add_split_arguments(p)
+    p.add_argument("--data", default=None, help="data directory for --split auto (default: $LOOPUS_DATA)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
+
+
+def load_model(args: argparse.Namespace):
+    """(LoopUS model in eval mode, tokenizer) from `add_model_arguments`' flags.
+
+    A LoopUS checkpoint is loaded as it is; a base model is converted with the split given (its gate
+    and confidence head then are untrained).
+    """
+    from transformers import AutoTokenizer
+
+    from ..convert import convert
+    from ..modeling import LoopUSForCausalLM
+    from ..zoo import load_base
+
+    split = split_arguments(args)
+    if is_loopus_checkpoint(args.model):
+        if split is not None:
+            raise ValueError(f"{args.model} is a LoopUS checkpoint with its own split: leave out "
+                             "--split/--encoder-layers/--decoder-layers")
+        model = LoopUSForCausalLM.from_pretrained(args.model)
+        source = args.tokenizer or args.model
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"no tokenizer in {source}: pass --tokenizer DIR ({err})") from None
+        return model.eval(), tokenizer
+    if split is None:
+        raise ValueError(
+            f"{args.model} is not a LoopUS checkpoint: give a split for the base model "
+            "(--split E,D, --split split.json, --split auto, or --encoder-layers/--decoder-layers)"
+        )
+    base, tokenizer = load_base(args.model)
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    return convert(base, **split, tokenizer=tokenizer, data=args.data).eval(), tokenizer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    defaults = LoopUSConfig()
+    p = subparsers.add_parser("convert", help="recast a pretrained causal LM as a LoopUS model")
+    p.add_argument("base", help="embedded name (gemma-3-270m), checkpoint directory or hub id")
+    add_split_arguments(p)
     p.add_argument("--out", required=True, help="output directory (save_pretrained format)")
-    p.add_argument("--num-loops", type=int, default=4, help="default loop count stored in the config")
-    p.add_argument("--gate-rank", type=int, default=64)
-    p.add_argument("--gate-init", type=float, default=0.02,
-                   help="gate share at init; 0.02 keeps every loop count near the base model (0.5: the paper's)")
-    p.add_argument("--kv-mode", choices=["per_depth", "shared"], default="per_depth")
-    p.add_argument("--depth-lora-rank", type=int, default=0,
+    p.add_argument("--num-loops", type=int, default=defaults.num_loops,
+                   help="default loop count stored in the config (default %(default)s)")
+    p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="default %(default)s")
+    p.add_argument("--gate-init", type=float, default=defaults.gate_init,
+                   help="gate share at init; %(default)s keeps every loop count near the base model (0.5: the paper's)")
+    p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode)
+    p.add_argument("--depth-lora-rank", type=int, default=defaults.depth_lora_rank,
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
-    p.add_argument("--depth-lora-alpha", type=float, default=32.0, help="LoRA alpha of the depth-wise adapters")
-    g = p.add_argument_group("--split auto: calibration")
-    g.add_argument("--data", default=None,
-                   help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
-    g.add_argument("--calibration", default=None, help="calibration file (default: enwiki/valid.jsonl)")
-    g.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    p.add_argument("--depth-lora-alpha", type=float, default=defaults.depth_lora_alpha,
+                   help="LoRA alpha of the depth-wise adapters (default %(default)s)")
+    add_calibration_arguments(p.add_argument_group("--split auto: calibration"))
     add_constraint_arguments(p)
     p.set_defaults(handler=run)
 
@@ -62,31 +129,23 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo import check_base_exists, load_base
 
     check_base_exists(args.base)  # a mistyped path is named first, before the other arguments
-    if args.split is None and (args.encoder_layers is None or args.decoder_layers is None):
+    split = split_arguments(args)
+    if split is None:
         raise ValueError("give --encoder-layers and --decoder-layers, or --split auto (or --split split.json)")
-    if args.split is not None and (args.encoder_layers is not None or args.decoder_layers is not None):
-        raise ValueError("give either --split or --encoder-layers/--decoder-layers, not both")
-    base, tokenizer = load_base(args.base)
-    options = dict(num_loops=args.num_loops, gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
-                   depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha)
+    calibration = {}
     if args.split is not None:
-        model = convert(
-            base,
-            split=args.split,
-            tokenizer=tokenizer,
-            data=args.data,
-            calibration=args.calibration,
-            calibration_tokens=args.tokens,
-            constraints=constraints_from(args),
-            **options,
-        )
-    else:
-        model = convert(base, args.encoder_layers, args.decoder_layers, **options)
+        calibration = dict(data=args.data, calibration=args.calibration, calibration_tokens=args.tokens,
+                           constraints=constraints_from(args))
+    base, tokenizer = load_base(args.base)
+    model = convert(base, **split, tokenizer=tokenizer, **calibration, num_loops=args.num_loops,
+                    gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
+                    depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config
     if model.split_analysis is not None:
-        from ..dynamics import choice_from_result, plot_dynamics
+        from ..dynamics import plot_dynamics
+        from ..split import choice_from_result
 
         analysis = model.split_analysis
         (Path(args.out) / "split.json").write_text(json.dumps(analysis, indent=2))

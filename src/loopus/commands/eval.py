@@ -43,13 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import register_lm_eval
     from ..checkpoint import is_loopus_checkpoint
     from ..eval.harness import evaluate_hf, evaluate_loopus, write_eval_report
     from ..paths import data_dir
 
     os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())
-    register_lm_eval()
     tasks = [t for t in args.tasks.split(",") if t]
     settings = {"model": args.model, "tasks": ",".join(tasks), "limit": args.limit}
     if is_loopus_checkpoint(args.model):

@@ -1,8 +1,8 @@
 """`loopus generate MODEL PROMPT`: stream a continuation from a LoopUS model, with per-token loop counts.
 
 MODEL is a LoopUS checkpoint directory (`loopus convert --out DIR`, or a trained one), or a base
-model (embedded name such as gemma-3-270m, checkpoint directory, hub id) together with
---encoder-layers / --decoder-layers, converted on the fly (untrained gate and confidence head).
+model (embedded name such as gemma-3-270m, checkpoint directory, hub id) together with a split
+(--encoder-layers / --decoder-layers, or --split), converted on the fly (untrained gate and confidence head).
 """
 
 from __future__ import annotations
@@ -12,26 +12,24 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpoint import is_loopus_checkpoint
+from ..cache import KV_MODES
 from ..compat import GENERATION_CACHE_KWARG
 from ..halting import STRATEGIES
-from .convert import parse_layers
+from .convert import add_model_arguments, load_model
 
 COLOURS = {1: 32, 2: 36, 3: 34, 4: 35}  # ANSI: green, cyan, blue, magenta; deeper loops are red
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text with looped decoding and adaptive exit")
-    p.add_argument("model", help="LoopUS checkpoint directory, or a base model with --encoder-layers/--decoder-layers")
+    add_model_arguments(p)
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
-    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="convert a base model: encoder layers")
-    p.add_argument("--decoder-layers", type=parse_layers, default=None, help="convert a base model: decoder layers")
     p.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the model's num_loops)")
     p.add_argument("--min-loops", type=int, default=None, help="fewest loops before a token may exit")
     p.add_argument("--strategy", choices=["none", *STRATEGIES], default="none", help="per-token exit strategy")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold (default depends on the strategy)")
     p.add_argument("--prefill-exit", action="store_true", help="apply the exit rule to the prompt too (per sequence)")
-    p.add_argument("--kv-mode", choices=["per_depth", "shared"], default=None, help="KV cache layout")
+    p.add_argument("--kv-mode", choices=KV_MODES, default=None, help="KV cache layout (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
@@ -46,30 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--stats-json", default=None, help="also write the loop statistics to this JSON file")
     p.set_defaults(handler=run)
-
-
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer) from a LoopUS checkpoint, or a base model converted with the given split."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..convert import convert
-    from ..zoo import load_base, resolve
-
-    source = Path(args.model)
-    if is_loopus_checkpoint(source):
-        if args.encoder_layers is not None or args.decoder_layers is not None:
-            raise ValueError(f"{args.model} is already a LoopUS checkpoint: drop --encoder-layers/--decoder-layers")
-        AutoConfig.from_pretrained(source)  # fail early and clearly on a broken config
-        model = AutoModelForCausalLM.from_pretrained(source).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        return model, tokenizer
-    if args.encoder_layers is None or args.decoder_layers is None:
-        raise ValueError(
-            f"{args.model} is not a LoopUS checkpoint: pass --encoder-layers and --decoder-layers to convert it "
-            "on the fly, or give a directory written by `loopus convert`"
-        )
-    base, tokenizer = load_base(resolve(args.model))
-    return convert(base, args.encoder_layers, args.decoder_layers).eval(), tokenizer
 
 
 class LoopStreamer:

@@ -42,15 +42,14 @@ def lm_eval_argv(extra: list[str], offline_tasks: bool = True) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import quiet_task_logs, register_lm_eval
+    from lm_eval.__main__ import cli_evaluate
+
+    from ..eval import quiet_task_logs
 
     if args.data is not None:
         from ..paths import data_dir
 
         os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())
-    if not register_lm_eval():
-        raise ImportError("lm-evaluation-harness is not installed: pip install lm-eval")
-    from lm_eval.__main__ import cli_evaluate
 
     extra = list(getattr(args, "extra", []) or [])
     offline = not args.hub_tasks and bool(os.environ.get("LOOPUS_DATA"))

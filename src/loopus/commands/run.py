@@ -3,9 +3,7 @@
     analyze -> convert -> post-train (LoopUS, and a dense baseline on the same tokens)
             -> evaluate base, dense and LoopUS (lm-eval, task subset) -> report (JSON, markdown, PNGs)
 
-Each stage is a small function below. A stage whose module is not installed is reported as
-unavailable (and the job goes on without it, saying so in the report) instead of being faked.
-Entry points used (all keyword arguments are shown in the code):
+Each stage is a small function below. Entry points used (all keyword arguments are shown in the code):
 
     analyze   loopus.dynamics.analyze(base, tokenizer, data=, tokens=, out=) -> {"split": {...}}
     convert   loopus.convert(base, encoder_layers, decoder_layers) -> LoopUSForCausalLM
@@ -19,16 +17,16 @@ Profiles: `quick` (CPU, <= 30 minutes on a 2-core machine) and `full` (the GPU r
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from ..config import CALIBRATION_TOKENS
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
-        "analyze_tokens": 2048,  # fewer tokens move the encoder boundary (docs/RESULTS.md, issue 5)
+        "analyze_tokens": CALIBRATION_TOKENS,
         # the study's mix and recipe (TrainConfig defaults), 20k tokens: enough to show that nothing is
         # lost; gains need the study's budget or more (docs/RESULTS.md, issue 11)
         "train": {"max_steps": 40, "seq_len": 128, "batch_size": 4, "corpus": ["enwiki", "eltec_eng"],
@@ -56,14 +54,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# stage -> (module, attribute) whose import decides whether the stage is available
-STAGE_ENTRY_POINTS = {
-    "analyze": ("loopus.dynamics", "analyze"),
-    "train": ("loopus.train", "train"),
-    "evaluate": ("loopus.eval.harness", "evaluate_loopus"),
-}
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="the main job: analyze, convert, post-train, evaluate, report")
     p.add_argument("--model", default="gemma-3-270m", help="base model: embedded name, directory or hub id")
@@ -78,16 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
     p.add_argument("--out", default="runs/main", help="report directory")
     p.set_defaults(handler=run)
-
-
-def stage_available(stage: str) -> tuple[bool, str]:
-    """(available, reason) for a stage, by importing its entry point."""
-    module, attr = STAGE_ENTRY_POINTS[stage]
-    try:
-        getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        return False, f"{module}.{attr} is not available ({err.__class__.__name__}: {err})"
-    return True, f"{module}.{attr}"
 
 
 class Progress:
@@ -144,13 +124,7 @@ def stage_evaluate(models: dict[str, tuple[str, Path]], tasks: list[str], limit,
         if kind == "hf":
             table[label] = evaluate_hf(str(path), tasks, limit, batch_size)
             continue
-        try:
-            sweep = evaluate_loopus(str(path), tasks, loops, limit, exit_strategy, thresholds, batch_size=batch_size)
-        except ValueError as err:
-            if "exit" not in str(err):
-                raise
-            print(f"[evaluate] adaptive exit unavailable for {label}: {err}; fixed depth only")
-            sweep = evaluate_loopus(str(path), tasks, loops, limit, batch_size=batch_size)
+        sweep = evaluate_loopus(str(path), tasks, loops, limit, exit_strategy, thresholds, batch_size=batch_size)
         sweeps[label] = sweep
         for n, metrics in sweep["loops"].items():
             table[f"{label} (loops={n})"] = metrics
@@ -167,16 +141,15 @@ def stage_held_out(models: dict[str, Path], tokenizer, split: tuple[int, int], l
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loopus import convert
+    from loopus.convert import as_looped
     from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
 
     documents = {corpus: held_out_documents(corpus, data) for corpus in HELD_OUT}
     result: dict[str, dict] = {corpus: {} for corpus in HELD_OUT}
     for label, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         counts = loops if hasattr(model, "loop_step") else [1]
-        if not hasattr(model, "loop_step"):
-            model = convert(model, *split).eval()
+        model = as_looped(model, *split).eval()
         for corpus, docs in documents.items():
             scores = per_loop_perplexity(model, tokenizer, docs, counts, max_tokens=tokens)
             result[corpus][label] = {str(n): v for n, v in scores.items()}
@@ -196,7 +169,6 @@ def held_out_rows(held_out: dict) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..eval import register_lm_eval
     from ..eval.harness import write_eval_report
     from ..eval.report import markdown_table, metric_rows, write_json
     from ..paths import data_dir
@@ -205,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     data = str(data_dir(args.data).resolve())
     os.environ["LOOPUS_DATA"] = data
-    register_lm_eval()
     tasks = args.tasks.split(",") if args.tasks else profile["tasks"]
     limit = args.limit if args.limit is not None else profile["limit"]
     loops = [int(x) for x in args.loops.split(",")] if args.loops else profile["loops"]
@@ -221,12 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress(["analyze", "convert", "train", "dense", "evaluate", "report"])
     report: dict[str, Any] = {"model": args.model, "profile": args.profile, "tasks": tasks, "limit": limit,
-                              "loops": loops, "stages": progress.log, "unavailable": {}, "notes": []}
-    available = {stage: stage_available(stage) for stage in STAGE_ENTRY_POINTS}
-    for stage, (ok, why) in available.items():
-        if not ok:
-            report["unavailable"][stage] = why
-            print(f"[{stage}] unavailable: {why}")
+                              "loops": loops, "stages": progress.log, "notes": []}
 
     base, tokenizer = load_base(args.model)
     base_dir = resolve(args.model)
@@ -236,11 +202,10 @@ def run(args: argparse.Namespace) -> int:
     split = (args.encoder_layers, args.decoder_layers)
     if None not in split:
         progress.end("analyze", "skipped", t, f"split given: encoder {split[0]}, decoder {split[1]}")
-    elif "analyze" in skip or not available["analyze"][0]:
+    elif "analyze" in skip:
         split = (2, 1)
-        why = "skipped by --skip" if "analyze" in skip else available["analyze"][1]
-        report["notes"].append(f"split not analyzed ({why}); default encoder 2, decoder 1 used")
-        progress.end("analyze", "unavailable" if "analyze" not in skip else "skipped", t, why)
+        report["notes"].append("split not analyzed (skipped by --skip); default encoder 2, decoder 1 used")
+        progress.end("analyze", "skipped", t, "--skip")
     else:
         e, d, result = stage_analyze(base, tokenizer, data, profile["analyze_tokens"], out / "analyze")
         split = (args.encoder_layers or e, args.decoder_layers or d)
@@ -260,9 +225,6 @@ def run(args: argparse.Namespace) -> int:
         t = progress.begin(stage, f"{mode} post-training, {train_settings}")
         if stage in skip:
             progress.end(stage, "skipped", t, "--skip")
-            continue
-        if not available["train"][0]:
-            progress.end(stage, "unavailable", t, available["train"][1])
             continue
         # the dense baseline gets the split too, so --freeze encoder freezes the same layers as in LoopUS
         settings = {**train_settings, "encoder_layers": split[0], "decoder_layers": split[1]}
@@ -304,8 +266,6 @@ def run(args: argparse.Namespace) -> int:
     md = [f"# LoopUS run: {args.model} ({args.profile} profile)\n",
           f"Split: encoder {split[0]}, decoder {split[1]} layers. Tasks: {', '.join(tasks)}; limit {limit}.\n",
           "## Stages\n", markdown_table(progress.log)]
-    if report["unavailable"]:
-        md += ["\n## Unavailable stages\n"] + [f"- **{s}**: {why}" for s, why in report["unavailable"].items()]
     if table:
         md += ["\n## Base vs dense vs LoopUS (lm-eval)\n", markdown_table(metric_rows(table))]
     md += [f"\n## Held-out perplexity (BOS-led 512-token windows inside each document, first "

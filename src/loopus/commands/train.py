@@ -93,6 +93,8 @@ FLAGS: dict[str, tuple[object, str]] = {
     "keep_checkpoints": (int, "checkpoints kept"),
     "progress": (_bool, "progress bar (true/false)"),
     "tensorboard": (_bool, "TensorBoard logs (true/false)"),
+    "log_with": (_strings, "comma list of more Accelerate trackers (wandb, mlflow, aim, comet_ml, ...); "
+                           "TensorBoard is --tensorboard"),
 }
 
 

@@ -27,16 +27,13 @@ SHIPPED_TASKS = (
 )
 
 
-def register_lm_eval() -> bool:
-    """Register the `loopus` model with lm-eval's registry (lazily). Returns False if lm-eval is missing."""
-    try:
-        import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own lazy entries first)
-        from lm_eval.api.registry import model_registry
-    except ImportError:
-        return False
+def register_lm_eval() -> None:
+    """Register the `loopus` model with lm-eval's registry (lazily); `import loopus` calls it."""
+    import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own lazy entries first)
+    from lm_eval.api.registry import model_registry
+
     if "loopus" not in model_registry:
         model_registry.register("loopus", target=LM_EVAL_MODEL)
-    return True
 
 
 class _QuietCustomDataset:

@@ -4,12 +4,12 @@ Everything lm-eval's `HFLM` does (tokenisation, BOS handling, request sorting an
 one-token-continuation cache, rolling windows, generation with stop sequences, chat templates,
 caching) is inherited unchanged. What differs:
 
-* model args `num_loops`, `exit_strategy`, `exit_threshold`, `min_loops` are passed to the model;
-  exit arguments the installed `LoopUSForCausalLM` does not accept raise an error instead of being
-  silently dropped;
-* `_loglikelihood_tokens` runs the model once per length-sorted batch and applies the (262k-wide
-  for Gemma) lm_head only at the positions whose log-probabilities the continuation needs, in chunks,
-  so scoring cost and memory do not grow with context length times vocabulary;
+* model args `num_loops`, `exit_strategy`, `exit_threshold`, `min_loops` are passed to the model
+  (invalid exit settings are refused when the model is built, not after every task is);
+* `_loglikelihood_tokens` runs the model once per length-sorted batch, takes its final hidden states
+  (`last_hidden_state`) and applies the (262k-wide for Gemma) lm_head only at the positions whose
+  log-probabilities the continuation needs, in chunks, so scoring cost and memory do not grow with
+  context length times vocabulary;
 * `max_length` is read from the wrapped base model's config, exactly as `hf` reads it from the base
   checkpoint, so `loglikelihood_rolling` (inherited: lm-eval's disjoint-window protocol) cuts the
   same windows as `--model hf` does.
@@ -20,7 +20,6 @@ With `num_loops=1` a converted model computes exactly its base model, so every m
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -45,14 +44,6 @@ EXIT_ARGS = ("exit_strategy", "exit_threshold", "min_loops")
 _FULL_ROW_LIMIT = 256
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether `fn` names `name` as a parameter (a bare **kwargs does not count: it would drop it)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _LongRow:
     """Scores of a long continuation, computed chunk-wise: its own log-probs and greedy flags only."""
 
@@ -67,7 +58,7 @@ class LoopUSLM(HFLM):
     """lm-eval model for a LoopUS checkpoint directory (or a `LoopUSForCausalLM` instance).
 
     Model args (besides every `hf` model arg): `num_loops` (default: the checkpoint's config),
-    `exit_strategy`, `exit_threshold`, `min_loops` (adaptive exit; need a model that supports it),
+    `exit_strategy`, `exit_threshold`, `min_loops` (adaptive exit while scoring and generating),
     `lm_head_chunk` (positions per lm_head chunk, default 1024).
     """
 
@@ -95,36 +86,21 @@ class LoopUSLM(HFLM):
             num_loops = self.model.config.num_loops
         self.num_loops = check_num_loops(int(num_loops) if isinstance(num_loops, str) else num_loops)
         self.lm_head_chunk = int(lm_head_chunk)
-        exit_args = {"exit_strategy": exit_strategy, "exit_threshold": exit_threshold, "min_loops": min_loops}
-        self.exit_kwargs = {k: v for k, v in exit_args.items() if v is not None}
-        if "exit_threshold" in self.exit_kwargs:
-            self.exit_kwargs["exit_threshold"] = float(self.exit_kwargs["exit_threshold"])
-        if "min_loops" in self.exit_kwargs:
-            self.exit_kwargs["min_loops"] = int(self.exit_kwargs["min_loops"])
-        unsupported = [k for k in self.exit_kwargs if not _accepts(self.model.forward, k)]
-        if unsupported:
-            raise ValueError(
-                f"model args {unsupported} need adaptive exit, but this LoopUSForCausalLM.forward() has no "
-                f"such parameter; refusing to ignore them silently (supported: num_loops)"
-            )
-        if self.exit_kwargs:
-            self._probe_exit()
-        # Loop passes actually spent per scored token (sum, count): fixed depth unless the model reports less.
-        self.loop_passes = [0.0, 0]
-
-    def _probe_exit(self) -> None:
-        """Fail now, not after building every task, if the model rejects the exit settings."""
-        probe = torch.full((1, 2), self.prefix_token_id, dtype=torch.long, device=self.device)
-        self._forward_hidden(probe)
+        self.set_exit(
+            exit_strategy=exit_strategy,
+            exit_threshold=None if exit_threshold is None else float(exit_threshold),
+            min_loops=None if min_loops is None else int(min_loops),
+        )
+        self.loop_passes = [0.0, 0]  # loop passes spent on scored tokens: (sum, count)
 
     def set_exit(self, **exit_kwargs: Any) -> None:
-        """Change the exit settings (None values removed) and validate them against the model."""
+        """Change the exit settings (None values removed); a two-token forward validates them now."""
         self.exit_kwargs = {k: v for k, v in exit_kwargs.items() if v is not None}
-        unknown = [k for k in self.exit_kwargs if k not in EXIT_ARGS or not _accepts(self.model.forward, k)]
+        unknown = sorted(set(self.exit_kwargs) - set(EXIT_ARGS))
         if unknown:
-            raise ValueError(f"exit settings {unknown} are not supported by this model")
+            raise ValueError(f"unknown exit settings {unknown}: the exit model args are {', '.join(EXIT_ARGS)}")
         if self.exit_kwargs:
-            self._probe_exit()
+            self._forward_hidden(torch.full((1, 2), self.prefix_token_id, dtype=torch.long, device=self.device))
 
     # -- facts read from the wrapped base model ---------------------------------------------------
 
@@ -148,40 +124,24 @@ class LoopUSLM(HFLM):
 
     def _scoring_exit_kwargs(self) -> dict[str, Any]:
         """Exit kwargs for a full-sequence (scoring) forward: adaptive exit there needs `prefill_exit=True`."""
-        if not self.exit_kwargs:
-            return {}
-        if not _accepts(self.model.forward, "prefill_exit"):
-            raise ValueError("adaptive exit while scoring needs LoopUSForCausalLM.forward(prefill_exit=...)")
-        return {**self.exit_kwargs, "prefill_exit": True}
+        return {**self.exit_kwargs, "prefill_exit": True} if self.exit_kwargs else {}
 
-    def _forward_hidden(
-        self, inps: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Any]:
-        """Run the model; return the final-normed hidden states (batch, seq, hidden) and the output.
-
-        The lm_head runs on one position only here; callers apply it where they need logits.
-        """
-        captured: list[torch.Tensor] = []
-        hook = self.model.base.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            with torch.no_grad(), torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ):
-                out = self.model(
-                    inps,
-                    attention_mask=attention_mask,
-                    num_loops=self.num_loops,
-                    use_cache=False,
-                    logits_to_keep=1,
-                    **self._scoring_exit_kwargs(),
-                )
-        finally:
-            hook.remove()
-        if not captured:
-            raise RuntimeError("the model's final norm was not called: cannot score continuations")
-        return captured[-1], out
+    def _forward_hidden(self, inps: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        """Run the model with the lm_head on one position only; callers apply it where they need logits
+        to the output's `last_hidden_state`."""
+        with torch.no_grad(), torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            return self.model(
+                inps,
+                attention_mask=attention_mask,
+                num_loops=self.num_loops,
+                use_cache=False,
+                logits_to_keep=1,
+                **self._scoring_exit_kwargs(),
+            )
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Full logits (used by lm-eval's batch-size detection and by anyone calling it directly)."""
@@ -194,14 +154,10 @@ class LoopUSLM(HFLM):
             generation_kwargs.setdefault(key, value)
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
-    def _count_loop_passes(self, out: Any, positions: list[tuple[int, int, int]]) -> None:
-        """Accumulate loop passes per scored token; `loop_passes` (batch, seq) on the output if the model reports it."""
-        per_token = getattr(out, "loop_passes", None)
-        for row, start, stop in positions:
-            if per_token is not None:
-                self.loop_passes[0] += float(per_token[row, start:stop].float().sum())
-            else:
-                self.loop_passes[0] += float(self.num_loops * (stop - start))
+    def _count_loop_passes(self, out: Any, spans: list[tuple[int, int]]) -> None:
+        """Accumulate the reasoning passes (the output's `loop_passes`) of each row's scored tokens."""
+        for row, (start, stop) in enumerate(spans):
+            self.loop_passes[0] += float(out.loop_passes[row, start:stop].float().sum())
             self.loop_passes[1] += stop - start
 
     @torch.no_grad()
@@ -283,8 +239,9 @@ class LoopUSLM(HFLM):
                 mask = torch.zeros_like(batched)
                 for row, length in enumerate(lengths):
                     mask[row, :length] = 1
-            hidden, out = self._forward_hidden(batched, mask)
-            self._count_loop_passes(out, [(row, a, b) for row, (a, b) in enumerate(spans)])
+            out = self._forward_hidden(batched, mask)
+            hidden = out.last_hidden_state
+            self._count_loop_passes(out, spans)
 
             short = [i for i, (a, b) in enumerate(spans) if b - a <= _FULL_ROW_LIMIT]
             scored: dict[int, Any] = {}

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import LoopUSForCausalLM
+from ..train.data import IGNORE_INDEX, read_documents, token_windows
 
 # held-out text of the shipped corpora: name -> file in the data directory
 HELD_OUT = {"enwiki": "enwiki/valid.jsonl", "eltec_eng": "eltec_eng/valid.jsonl", "wikitext2": "wikitext2/wiki.test.raw"}
@@ -27,26 +28,10 @@ HELD_OUT = {"enwiki": "enwiki/valid.jsonl", "eltec_eng": "eltec_eng/valid.jsonl"
 def held_out_documents(name: str, data: str | None = None) -> list[str]:
     """The documents of a held-out corpus (`HELD_OUT`): one per JSONL line, or a raw text file as one."""
     from ..paths import data_file
-    from ..train.data import read_jsonl_texts
 
     if name not in HELD_OUT:
         raise ValueError(f"unknown held-out corpus {name!r}; choose from {', '.join(HELD_OUT)}")
-    path = data_file(HELD_OUT[name], data)
-    if path.suffix == ".jsonl":
-        return list(read_jsonl_texts(path, "text"))
-    return [path.read_text(encoding="utf-8")]
-
-
-def _windows(ids: list[int], bos: int | None, window: int) -> list[tuple[list[int], list[int]]]:
-    """(inputs, labels) pairs that predict every token once; labels -100 mark the BOS slot."""
-    pieces = []
-    for start in range(0, len(ids), window):
-        chunk = ids[start : start + window]
-        prefix = [bos] if bos is not None else ids[max(0, start - 1) : start]
-        inputs = prefix + chunk[:-1] if prefix else chunk[:-1]
-        labels = chunk if prefix else chunk[1:]
-        pieces.append((inputs, labels))
-    return pieces
+    return read_documents(data_file(HELD_OUT[name], data))
 
 
 @torch.no_grad()
@@ -77,7 +62,8 @@ def per_loop_perplexity(
         if max_tokens is not None:
             ids = ids[: max_tokens - total]
         if len(ids) >= 2:
-            pieces.extend(_windows(ids, tokenizer.bos_token_id, window))
+            # (inputs, labels): every token predicted once, from its own window only
+            pieces.extend((w[:-1], w[1:]) for w in token_windows(ids, tokenizer.bos_token_id, window, carry_previous=True))
             total += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break
@@ -91,25 +77,20 @@ def per_loop_perplexity(
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
         width = max(len(inputs) for inputs, _ in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (inputs, target) in enumerate(batch):
             input_ids[row, : len(inputs)] = torch.tensor(inputs)
             labels[row, : len(target)] = torch.tensor(target)
             mask[row, : len(inputs)] = 1
         input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
-        embeds = model.get_input_embeddings()(input_ids)
-        ctx = model.layer_context(embeds, mask, None, None)
-        state = model.encode(embeds, ctx)
-        for depth in range(loops[-1]):
-            state, _ = model.loop_step(state, ctx, depth)
-            if depth + 1 in window_nll:
-                logits = model.lm_logits(model.decode(state, ctx)).float()
-                token_nll = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
-                ).view(labels.shape)
-                window_nll[depth + 1].extend(token_nll.sum(1).tolist())
-        counts.extend((labels != -100).sum(1).tolist())
+        for n, _, hidden in model.per_loop_hidden(input_ids, loops, mask):
+            logits = model.lm_logits(hidden).float()
+            token_nll = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(labels.shape)
+            window_nll[n].extend(token_nll.sum(1).tolist())
+        counts.extend((labels != IGNORE_INDEX).sum(1).tolist())
     out = {}
     for n in loops:
         mean, se = mean_and_se(window_nll[n], counts)

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..plotting import pyplot, save_figure
+
 # Metrics where lower is better (for labels and for picking plot directions).
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -62,33 +64,30 @@ def metric_rows(by_model: Mapping[str, Mapping[str, Mapping[str, float]]]) -> li
     return list(rows.values())
 
 
-def _plt():
-    import matplotlib
+def _series(points: Iterable[tuple[Any, Mapping[str, Mapping[str, float]]]]) -> dict[str, list[tuple[Any, float]]]:
+    """(x, {task: {metric: value}}) points -> {"task metric": [(x, value), ...]}: one series per panel."""
+    series: dict[str, list[tuple[Any, float]]] = {}
+    for x, tasks in points:
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                series.setdefault(f"{task} {metric}", []).append((x, value))
+    return series
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
-
-
-def _panels(plt, count: int):
+def _panels(count: int):
     """A grid of up to three panels per row, one per (task, metric) series."""
     cols = min(3, max(1, count))
     rows = max(1, math.ceil(count / cols))
-    return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    return pyplot().subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
 
 
-def _save_panels(plt, fig, axes, used: int, title: str, path: str | Path) -> Path:
+def _save_panels(fig, axes, used: int, title: str, path: str | Path) -> Path:
     """Blank the unused panels, title, save as PNG and free the figure."""
     for ax in list(axes.flat)[used:]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
@@ -96,15 +95,9 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
 
     `curve` is {num_loops: {task: {metric: value}}}.
     """
-    plt = _plt()
-    loops = sorted(int(n) for n in curve)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for n in loops:
-        for task, metrics in curve[n].items():
-            for metric, value in metrics.items():
-                series.setdefault(f"{task} {metric}", []).append((n, value))
+    series = _series((n, curve[n]) for n in sorted(int(n) for n in curve))
     names = sorted(series)
-    fig, axes = _panels(plt, len(names))
+    fig, axes = _panels(len(names))
     for ax, name in zip(axes.flat, names):
         xs, ys = zip(*series[name])
         ax.plot(xs, ys, marker="o")
@@ -115,7 +108,7 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
         if name.split()[-1] in LOWER_IS_BETTER:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    return _save_panels(plt, fig, axes, len(names), title, path)
+    return _save_panels(fig, axes, len(names), title, path)
 
 
 def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -124,24 +117,18 @@ def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Pat
     `points`: dicts with `mean_loop_passes`, `label` (e.g. "t=0.9" or "fixed 4") and `metrics`
     ({task: {metric: value}}).
     """
-    plt = _plt()
-    points = list(points)
-    series: dict[str, list[tuple[float, float, str]]] = {}
-    for p in points:
-        for task, metrics in p["metrics"].items():
-            for metric, value in metrics.items():
-                series.setdefault(f"{task} {metric}", []).append((float(p["mean_loop_passes"]), value, str(p.get("label", ""))))
+    series = _series(((float(p["mean_loop_passes"]), str(p.get("label", ""))), p["metrics"]) for p in points)
     names = sorted(series)
-    fig, axes = _panels(plt, len(names))
+    fig, axes = _panels(len(names))
     for ax, name in zip(axes.flat, names):
-        pts = sorted(series[name])
+        pts = sorted((x, y, label) for (x, label), y in series[name])
         ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o")
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("mean loop passes / token")
         ax.set_title(name, fontsize=9)
         ax.grid(True, alpha=0.3)
-    return _save_panels(plt, fig, axes, len(names), title, path)
+    return _save_panels(fig, axes, len(names), title, path)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

@@ -7,7 +7,8 @@ One concern per module:
 - `data`          local .txt/.jsonl and HF datasets -> packed, shuffled, mixed token sequences
 - `params`        what trains: freezing, LoRA (PEFT), gradient checkpointing
 - `optim`         AdamW parameter groups and the warm-up + decay schedule (counted in optimiser steps)
-- `checkpointing` atomic, resumable checkpoints (weights, optimiser, scheduler, RNG, data position)
+- `checkpointing` atomic, resumable checkpoints (weights, optimiser, RNG, data position)
+- `tracking`      run logs: train.jsonl, TensorBoard and any other Accelerate tracker
 - `evaluation`    validation loss at several loop counts and confidence calibration
 - `trainer`       the Accelerate training loop (single process, DDP)
 """

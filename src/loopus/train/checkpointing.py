@@ -2,12 +2,18 @@
 
 `DIR/checkpoints/step-00000042/` holds
     trainable.safetensors   every parameter that trains (names as in the training module)
-    optimizer.pt, scheduler.pt
-    rng-rank{r}.pt          python / numpy / torch (and CUDA) RNG states of each process
+    optimizer.pt
+    random_states_{r}.pkl   python / numpy / torch (and CUDA) RNG states of each process
     trainer_state.json      step, data position, tokens seen, the run's config
 It is written into a temporary directory and renamed into place with `os.replace`, so a kill at
 any moment leaves either the previous checkpoint set or the new one, never a half-written one.
 Weights are checked finite before anything is written: a poisoned state never becomes a checkpoint.
+
+The RNG states are Accelerate's: every process calls `Accelerator.save_state(staging dir)` and
+`Accelerator.load_state(checkpoint)`. Nothing else goes through them: RDS runs the model's pieces
+outside DDP, so model and optimiser are not `prepare`d objects, and only the trainable weights are
+kept. The lr schedule is rebuilt from the step on resume (`optim.build_scheduler`), so it is not
+saved; the `scheduler.pt` of older checkpoints is not read.
 """
 
 from __future__ import annotations
@@ -21,32 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, _check_safetensors_file
 
 STATE_FILE = "trainer_state.json"
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_root(out: str | os.PathLike) -> Path:
@@ -64,16 +50,11 @@ def prepare_staging(out: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def write_rank_rng(tmp: Path, rank: int) -> None:
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-
-
 def finalize_checkpoint(
     out: str | os.PathLike,
     step: int,
     trainable: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
-    scheduler,
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
@@ -87,7 +68,6 @@ def finalize_checkpoint(
     tmp = staging_dir(out, step)
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         with f.open("rb") as handle:
@@ -114,21 +94,34 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint (CPU tensors); raises CheckpointError if it is incomplete or corrupt."""
     path = Path(path)
-    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", STATE_FILE]
+    needed = ["trainable.safetensors", "optimizer.pt", STATE_FILE]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     _check_safetensors_file(path / "trainable.safetensors")
-    rng_file = path / f"rng-rank{rank}.pt"
-    if not rng_file.is_file():
-        rng_file = path / "rng-rank0.pt"
     return {
         "trainable": load_file(path / "trainable.safetensors"),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
-        "rng": torch.load(rng_file, weights_only=True) if rng_file.is_file() else None,
         "state": json.loads((path / STATE_FILE).read_text()),
     }
+
+
+def load_rng(accelerator: Accelerator, path: str | os.PathLike) -> None:
+    """Restore this process's RNG states from checkpoint `path`.
+
+    Checkpoints written before the states were Accelerate's hold them as `rng-rank{r}.pt`.
+    """
+    legacy = Path(path) / f"rng-rank{accelerator.process_index}.pt"
+    if not legacy.is_file():
+        accelerator.load_state(str(path))
+        return
+    state = torch.load(legacy, weights_only=True)
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import LoopUSConfig
+
 MODES = ("loopus", "dense")
 FREEZABLE = ("embeddings", "encoder", "reasoning", "adapters", "gate", "decoder", "head", "confidence")
+MODEL_DEFAULTS = LoopUSConfig()  # the conversion options take the model config's defaults, stated there once
 
 
 @dataclass
@@ -20,14 +23,14 @@ class TrainConfig:
     mode: str = "loopus"                 # loopus (random deep supervision) | dense (unlooped base, same tokens)
     encoder_layers: int | None = None    # split used when `model` is a plain base model (required then)
     decoder_layers: int | None = None
-    gate_rank: int = 64
-    gate_init: float = 0.02               # function-preserving: every loop count starts as the base
+    gate_rank: int = MODEL_DEFAULTS.gate_rank
+    gate_init: float = MODEL_DEFAULTS.gate_init
     freeze: list[str] = field(default_factory=lambda: ["embeddings", "encoder"])
     lora_rank: int = 0                   # > 0: LoRA adapters (PEFT) on the trainable transformer layers
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    depth_lora_rank: int = 0             # > 0: depth-wise LoRA on the reasoning block, active from loop 2 on
-    depth_lora_alpha: float = 32.0
+    depth_lora_rank: int = MODEL_DEFAULTS.depth_lora_rank  # > 0: depth-wise LoRA on the reasoning block, loop 2 on
+    depth_lora_alpha: float = MODEL_DEFAULTS.depth_lora_alpha
     gradient_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False                   # shard with FSDP2 (also on when accelerate's config says FSDP)
@@ -87,7 +90,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True             # logs/tb
+    log_with: list[str] = field(default_factory=list)  # more Accelerate trackers: wandb, mlflow, aim, comet_ml, ...
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,10 +99,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.freeze, str):
-            self.freeze = [p for p in self.freeze.split(",") if p.strip()]
-        if isinstance(self.corpus, str):
-            self.corpus = [p for p in self.corpus.split(",") if p.strip()]
+        for name in ("freeze", "corpus", "log_with"):  # a comma list given as one string
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [p for p in getattr(self, name).split(",") if p.strip()])
         if isinstance(self.eval_loops, str):
             self.eval_loops = [int(p) for p in self.eval_loops.split(",") if p.strip()]
         self.betas = tuple(float(b) for b in self.betas)
@@ -141,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"kl_base must be >= 0, got {self.kl_base}")
         if self.kl_base > 0 and (self.mode != "loopus" or not self.supervise_first):
             raise ValueError("--kl-base is a loop-1 term: it needs --mode loopus and --supervise-first true")
+        if "tensorboard" in self.log_with:
+            raise ValueError("TensorBoard is the `tensorboard` option (on by default): leave it out of log_with")
         if any(n < 1 for n in self.eval_loops):
             raise ValueError(f"eval loop counts must be >= 1, got {self.eval_loops}")
 

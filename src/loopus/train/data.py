@@ -39,6 +39,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..errors import LoopUSError, MissingDependencyError
 from ..paths import data_path as resolve_data_path
 
 IGNORE_INDEX = -100
@@ -67,6 +68,10 @@ def parse_corpus(spec: str) -> CorpusSpec:
     return CorpusSpec(source.strip(), weight)
 
 
+class DataSourceError(LoopUSError, RuntimeError):
+    """A corpus that cannot be opened."""
+
+
 def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
     """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors."""
     with path.open(encoding="utf-8") as handle:
@@ -82,6 +87,27 @@ def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             text = record[text_field]
             if text and text.strip():
                 yield text
+
+
+def read_documents(path: Path) -> list[str]:
+    """An evaluation file's documents: one per JSONL line (`text` field), or a whole text file as one."""
+    if path.suffix == ".jsonl":
+        return list(read_jsonl_texts(path, "text"))
+    return [path.read_text(encoding="utf-8")]
+
+
+def token_windows(ids: list[int], bos: int | None, length: int, min_tokens: int = 1,
+                  carry_previous: bool = False) -> list[list[int]]:
+    """Disjoint chunks of `length` tokens, each led by BOS; without a BOS, by the token before the chunk
+    if `carry_previous` (so the chunk's first token is predicted too). Chunks under `min_tokens` are dropped."""
+    out = []
+    for start in range(0, len(ids), length):
+        chunk = ids[start : start + length]
+        if len(chunk) < min_tokens:
+            continue
+        prefix = [bos] if bos is not None else ids[max(0, start - 1) : start] if carry_previous else []
+        out.append(prefix + chunk)
+    return out
 
 
 def _read_txt(path: Path) -> Iterator[str]:
@@ -131,7 +157,7 @@ def _hf_documents(spec: tuple[str, str | None], split: str, text_field: str) -> 
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("hf: corpora need the 'datasets' package: pip install datasets") from err
+        raise MissingDependencyError("hf: corpora need the 'datasets' package: pip install datasets") from err
     name, config = spec
     split_name = "train" if split == "train" else "validation"
     try:
@@ -139,7 +165,8 @@ def _hf_documents(spec: tuple[str, str | None], split: str, text_field: str) -> 
             return None
         dataset = datasets.load_dataset(name, config, split=split_name, streaming=True)
     except Exception as err:  # hub unreachable, unknown dataset, ...
-        raise RuntimeError(f"could not open HF dataset {name!r} ({type(err).__name__}: {err})") from err
+        raise DataSourceError(f"could not open HF dataset {name!r} ({type(err).__name__}: {err}): check the name "
+                              "and config, or point at local .jsonl/.txt files") from err
     return (row[text_field] for row in dataset if row.get(text_field, "").strip())
 
 

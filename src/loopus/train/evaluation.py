@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .config import TrainConfig
 from .objective import chunked_cross_entropy, confidence_targets, final_hidden, logits_function
 
 BINS = 10
@@ -21,7 +22,7 @@ BINS = 10
 
 @torch.no_grad()
 def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loops: list[int],
-                    margin: float = 0.05, ce_chunk: int = 1024, device=None) -> torch.Tensor:
+                    margin: float = 0.05, ce_chunk: int = TrainConfig.ce_chunk, device=None) -> torch.Tensor:
     """Sums per loop count: rows = loops, columns = [nll, tokens, correct, conf, target, brier, exit@0.5,
     then BINS x (count, conf sum, target sum)]."""
     loops = sorted(set(loops))
@@ -37,16 +38,10 @@ def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             stats[0, 1] += ce.count
             stats[0, 2] += (ce.pred == labels[ce.valid]).sum()
             continue
-        embeds = model.embed(input_ids)
-        ctx = model.layer_context(embeds, None, None, None)
-        state = model.encode(embeds, ctx)
         per_loop = []
-        for depth in range(loops[-1]):
-            state, _ = model.loop_step(state, ctx, depth)
-            if depth + 1 in loops:
-                ce = chunked_cross_entropy(model.decode(state, ctx), labels, logits_fn, ce_chunk)
-                conf = model.confidence_head(state)[ce.valid].double()
-                per_loop.append((ce, conf))
+        for _, state, hidden in model.per_loop_hidden(input_ids, loops):
+            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
+            per_loop.append((ce, model.confidence_head(state)[ce.valid].double()))
         ref = per_loop[-1][0]
         for row, (ce, conf) in enumerate(per_loop):
             target = confidence_targets(ce.nll, ce.pred, ref.nll, ref.pred, margin).double()
@@ -82,7 +77,7 @@ def summarize(stats: torch.Tensor, loops: list[int], looped: bool = True) -> dic
     return out
 
 
-def evaluate(model, batches, loops: list[int], margin: float = 0.05, ce_chunk: int = 1024, device=None,
+def evaluate(model, batches, loops: list[int], margin: float = 0.05, ce_chunk: int = TrainConfig.ce_chunk, device=None,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Validation metrics keyed by loop count (a dense model reports one entry, "1")."""
     was_training = model.training

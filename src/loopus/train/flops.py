@@ -1,10 +1,11 @@
-"""Model FLOPs of a training step (matmul FLOPs, 2 per multiply-add), for step-time ratios and MFU.
+"""Model FLOPs of a training or decode step (matmul FLOPs, 2 per multiply-add), for time ratios and MFU.
 
-Per token and layer the forward costs 2 * (linear weights) + attention (4 * head_dim * heads * s/2
-for causal attention over s positions). A backward costs 2x its forward where weights train
-(input and weight gradients) and 1x where only the input gradient is needed. Frozen front layers
-(embeddings, encoder) cost a forward only. The chunked cross entropy recomputes the head in the
-backward (+1 forward), as does gradient checkpointing for every layer with gradient.
+Per token and layer the forward costs 2 * (linear weights) + attention (4 * head_dim * heads per key
+attended: s/2 keys on average in a causal pass over s positions, the whole context in a decode step).
+A backward costs 2x its forward where weights train (input and weight gradients) and 1x where only
+the input gradient is needed. Frozen front layers (embeddings, encoder) cost a forward only. The
+chunked cross entropy recomputes the head in the backward (+1 forward), as does gradient
+checkpointing for every layer with gradient.
 """
 
 from __future__ import annotations
@@ -14,20 +15,34 @@ import torch
 from .objective import sample_plan
 
 
-def _layer_weights(layer: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-
-
-def per_token_costs(config, seq_len: int) -> tuple[float, float]:
-    """(forward FLOPs of one transformer layer, forward FLOPs of the LM head) per token."""
+def layer_flops(config, context: float) -> float:
+    """Forward FLOPs of one transformer layer for one token attending to `context` keys."""
     h = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads)
     inter = config.intermediate_size
     linear = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * inter
-    attention = 4 * heads * head_dim * seq_len / 2
-    return 2 * linear + attention, 2 * h * config.vocab_size
+    return 2 * linear + 4 * heads * head_dim * context
+
+
+def head_flops(config) -> int:
+    """Forward FLOPs of the LM head for one token."""
+    return 2 * config.hidden_size * config.vocab_size
+
+
+def per_token_costs(config, seq_len: int) -> tuple[float, float]:
+    """(forward FLOPs of one transformer layer, forward FLOPs of the LM head) per token of a causal pass
+    over `seq_len` positions, where a token attends to `seq_len / 2` keys on average."""
+    return layer_flops(config, seq_len / 2), head_flops(config)
+
+
+def decode_step_flops(config, budget: int, context: int) -> float:
+    """FLOPs of one cached decode step of a LoopUS model (`config`: its `LoopUSConfig`) at `budget` loops,
+    the new token attending to `context` keys: encoder + budget x reasoning + decoder layers, the head."""
+    base = config.base_config
+    passes = config.encoder_layers + budget * len(config.reasoning_range) + config.decoder_layers
+    return passes * layer_flops(base, context) + head_flops(base)
 
 
 def dense_step_flops(config, seq_len: int, frozen_front_layers: int = 0, gradient_checkpointing: bool = False,

@@ -61,7 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..modeling import soft_cap
+from .config import TrainConfig
+from .data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,7 @@ def logits_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
         return model.lm_logits
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        return torch.tanh(logits / cap) * cap if cap is not None else logits
-
-    return fn
+    return lambda hidden: soft_cap(head(hidden), cap)
 
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -163,14 +160,14 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    chunk: int = 1024,
+    chunk: int = TrainConfig.ce_chunk,
     reference: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> ChunkedCE:
     """Next-token CE of `hidden` (batch, seq, hidden; already aligned with `labels`) without full logits.
 
     Each chunk of `chunk` positions is projected to the vocabulary inside a non-reentrant
     checkpoint: in the forward only its loss, NLLs and argmax survive; in the backward its logits
-    are recomputed one chunk at a time. Positions labelled -100 are skipped entirely. With
+    are recomputed one chunk at a time. Positions labelled IGNORE_INDEX (-100) are skipped entirely. With
     `reference` = (hidden states of a reference model, its logits function), the KL divergence
     KL(reference || model) per position is summed too, chunk by chunk in the same way.
     """
@@ -220,10 +217,7 @@ def confidence_targets(
 
 def one_loop_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-normed hidden states of a LoopUS model at one loop (the base model, before training)."""
-    embeds = model.embed(input_ids)
-    ctx = model.layer_context(embeds, None, None, None)
-    state, _ = model.loop_step(model.encode(embeds, ctx), ctx, 0)
-    return model.decode(state, ctx)
+    return next(model.per_loop_hidden(input_ids, [1]))[2]
 
 
 def _any_grad(modules) -> bool:
@@ -239,7 +233,7 @@ def rds_step(
     beta_mono: float = 0.1,
     lambda_conf: float = 0.1,
     conf_margin: float = 0.05,
-    ce_chunk: int = 1024,
+    ce_chunk: int = TrainConfig.ce_chunk,
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -248,7 +242,7 @@ def rds_step(
 ) -> dict[str, float]:
     """One batch of random deep supervision on a `LoopUSForCausalLM`; calls backward per supervised step.
 
-    `labels` are aligned with `input_ids` (position i predicts labels[i]); -100 is ignored.
+    `labels` are aligned with `input_ids` (position i predicts labels[i]); IGNORE_INDEX is ignored.
     `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps). With a frozen
     `reference` model (the LoopUS model before training) and `kl_base > 0`, loop 1's loss adds
     `kl_base` x KL(reference's loop 1 || loop 1) when loop 1 is supervised.
@@ -273,6 +267,7 @@ def rds_step(
             embeds = model.embed(input_ids)
             ctx = model.layer_context(embeds, None, None, None)
             state = model.encode(embeds, ctx)
+        # pass by pass through `loop_step`, not `run_loop`: each pass sets its own grad mode and detach point
         for t in range(1, plan.horizon + 1):
             if t in starts and not (t == 1 and front_trainable):
                 state = state.detach()
@@ -330,7 +325,7 @@ def dense_step(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ce_chunk: int = 1024,
+    ce_chunk: int = TrainConfig.ce_chunk,
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,

@@ -1,7 +1,14 @@
-"""AdamW with decay only on matrices, and a warm-up + decay schedule counted in optimiser steps."""
+"""AdamW with decay only on matrices, and a warm-up + decay schedule counted in optimiser steps.
+
+The schedule is not transformers' `get_scheduler`: its warm-ups start at lr 0 (`step / warmup`), which
+spends the first optimiser step at lr 0 (with `warmup_steps=1`, the whole warm-up); this one starts at
+`peak / warmup` (`(step + 1) / warmup`). After the warm-up the lrs are the same (cosine is transformers'
+`cosine_with_min_lr` with `min_lr_rate=min_ratio`, linear its `polynomial` to `min_ratio * lr`).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,7 +57,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio: float):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio)
-    )
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, schedule: str, min_ratio: float,
+                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule over each param group's `initial_lr`, set for optimiser step `step` (0-based).
+
+    The lr is a pure function of the peak and the step, so a resumed run builds its schedule at the
+    restored step (`step > 0` needs `initial_lr` in every group) instead of loading a saved one.
+    """
+    factor = functools.partial(lr_factor, total=total, warmup=warmup, schedule=schedule, min_ratio=min_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)

@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from ..compat import checkpointing_method
+
 
 def base_layers(model: nn.Module) -> nn.ModuleList:
     """The base model's decoder layers, of a LoopUS model or of a plain causal LM."""
@@ -127,10 +129,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     still give gradients to their parameters.
     """
     target = _inner(model) if not hasattr(model, "gradient_checkpointing_enable") else model
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_method(target, "enable")({"use_reentrant": False})  # the checkpoint kwargs: first in both releases
     layers = base_layers(_inner(model))
     if not all(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise RuntimeError(f"gradient checkpointing did not reach the decoder layers of {type(model).__name__}")
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_gradient_checkpointing` (before saving the trained model)."""
+    checkpointing_method(model, "disable")()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

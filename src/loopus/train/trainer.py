@@ -28,27 +28,36 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast, set_seed
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, is_loopus_checkpoint
+from ..checkpoint import CheckpointError
+from ..errors import LoopUSError
+from ..zoo import load_for_training
 from .checkpointing import (
     finalize_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_rng,
     prepare_staging,
-    set_rng_state,
     staging_dir,
-    write_rank_rng,
 )
 from .config import TrainConfig
 from .data import PackedData, build_data
 from .evaluation import evaluate
 from .objective import dense_step, rds_step, sample_plan
 from .optim import build_optimizer, build_scheduler
-from .params import apply_freeze, apply_lora, count_parameters, enable_gradient_checkpointing, trainable_state
+from .params import (
+    apply_freeze,
+    apply_lora,
+    count_parameters,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    trainable_state,
+)
 from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trainable, load_sharded, shard_model
+from .tracking import build_trackers, log_record
 
 # a resumed run must agree with its checkpoint on everything that decides the data and the plan
 RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "batch_size", "grad_accum", "seed", "horizon_min",
@@ -56,57 +65,8 @@ RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "batch_size", "grad_accum
                "lora_rank", "depth_lora_rank", "freeze")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LoopUSError, RuntimeError):
     """A loss or gradient became NaN/inf; training stopped before the optimiser step."""
-
-
-def build_model(cfg: TrainConfig, model=None, tokenizer=None):
-    """The model to train (LoopUS or the plain base model for dense mode) and its tokenizer."""
-    split_given = cfg.encoder_layers is not None and cfg.decoder_layers is not None
-    if model is None:
-        from ..zoo import check_base_exists
-
-        check_base_exists(cfg.model)
-    if model is None and cfg.mode == "loopus" and not split_given and not is_loopus_checkpoint(cfg.model):
-        raise ValueError(
-            f"{cfg.model} is a plain base model: give the split with --encoder-layers N --decoder-layers N "
-            "(or pass a converted LoopUS checkpoint)"
-        )
-    if model is None:
-        if is_loopus_checkpoint(cfg.model):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            import loopus  # noqa: F401  (registers the Auto classes)
-
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
-        else:
-            from ..zoo import load_base
-
-            model, loaded_tokenizer = load_base(cfg.model)
-            tokenizer = tokenizer or loaded_tokenizer
-    looped = hasattr(model, "loop_step")
-    if cfg.mode == "dense" and looped:
-        # the dense baseline trains the same layers as LoopUS: keep the split for --freeze encoder/decoder
-        if not split_given:
-            cfg.encoder_layers, cfg.decoder_layers = model.config.encoder_layers, model.config.decoder_layers
-        model = model.base
-    elif cfg.mode == "loopus" and not looped:
-        if cfg.encoder_layers is None or cfg.decoder_layers is None:
-            raise ValueError(
-                f"{cfg.model} is a plain base model: give the split with --encoder-layers N --decoder-layers N "
-                "(or pass a converted LoopUS checkpoint)"
-            )
-        from ..convert import convert
-
-        model = convert(model, cfg.encoder_layers, cfg.decoder_layers, gate_rank=cfg.gate_rank, gate_init=cfg.gate_init,
-                        depth_lora_rank=cfg.depth_lora_rank, depth_lora_alpha=cfg.depth_lora_alpha)
-    elif cfg.depth_lora_rank > 0 and model.config.depth_lora_rank == 0:
-        model.add_depth_adapters(cfg.depth_lora_rank, cfg.depth_lora_alpha)
-    if cfg.depth_lora_rank > 0 and model.config.depth_lora_rank != cfg.depth_lora_rank:
-        raise ValueError(f"{cfg.model} has depth adapters of rank {model.config.depth_lora_rank}, not "
-                         f"--depth-lora-rank {cfg.depth_lora_rank}")
-    return model.float().train(), tokenizer
 
 
 def check_seq_len(cfg: TrainConfig, model) -> None:
@@ -124,7 +84,8 @@ class Trainer:
 
     `model`, `tokenizer` and `data` may be given directly (tests, notebooks); otherwise they are loaded
     from `cfg.model` and `cfg.corpus`. `callbacks` are called as `fn(trainer, step, metrics)` after each
-    optimiser step.
+    optimiser step. Records go to the trackers of `tracking.build_trackers`; an `accelerator` passed in
+    logs to the trackers it was built with (`Accelerator(log_with=...)`).
     """
 
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, data: PackedData | None = None,
@@ -132,10 +93,13 @@ class Trainer:
                  accelerator: Accelerator | None = None):
         self.cfg = cfg
         self.callbacks = callbacks or []
+        self.out = Path(cfg.out)
         precision = cfg.precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "fp32"
-        self.accelerator = accelerator or Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision="bf16" if precision == "bf16" else "no", log_with=build_trackers(cfg, self.out),
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
@@ -144,12 +108,26 @@ class Trainer:
                              "supports LoRA) or train full weights with --lora-rank 0")
         if self.sharded and not torch.distributed.is_initialized():
             raise ValueError("--fsdp needs a process group: start the run with `accelerate launch` (or torchrun)")
-        self.out = Path(cfg.out)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         set_seed(cfg.seed)
+        self._build_model(model, tokenizer, bf16=precision == "bf16")
+        self.total_steps = cfg.total_steps(self.world)
+        self.data = data if data is not None else self._build_data()
+        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult,
+                                         cfg.adapter_lr_mult)
+        self.scheduler = self._schedule(step=0)
+        self.step = 0
+        self.tokens = 0
+        self.history: dict[str, Any] = {}
 
-        model, self.tokenizer = build_model(cfg, model, tokenizer)
+    def _build_model(self, model, tokenizer, bf16: bool) -> None:
+        """The model as built (`zoo.load_for_training`), frozen, adapted, on this process's device, sharded."""
+        cfg, acc = self.cfg, self.accelerator
+        model, self.tokenizer, split = load_for_training(
+            cfg.model, cfg.mode == "loopus", cfg.encoder_layers, cfg.decoder_layers, cfg.gate_rank, cfg.gate_init,
+            cfg.depth_lora_rank, cfg.depth_lora_alpha, model=model, tokenizer=tokenizer)
+        cfg.encoder_layers, cfg.decoder_layers = split  # dense from a LoopUS model: freeze by the model's split
         self.looped = hasattr(model, "loop_step")
         check_seq_len(cfg, model)
         split = (cfg.encoder_layers or 0, cfg.decoder_layers or 0)
@@ -162,35 +140,28 @@ class Trainer:
             self.module = apply_lora(model, cfg.frozen, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, *split)
             self.core = self.module.base_model.model
         self.module.to(acc.device)
-        if self.world > 1:
-            for p in self.module.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+        broadcast([p.detach() for p in self.module.parameters()])  # every process starts from rank 0's weights
         if self.sharded:
-            shard_model(self.core, bf16=precision == "bf16")
+            shard_model(self.core, bf16=bf16)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         # KL toward the base at loop 1: a frozen copy of the model as built, i.e. before any training
         # (on resume too: the checkpoint's weights are loaded into the trained copy only)
         self.reference = copy.deepcopy(self.core).eval().requires_grad_(False) if cfg.kl_base > 0 else None
 
-        self.total_steps = cfg.total_steps(self.world)
-        if data is None:
-            if self.tokenizer is None:
-                raise ValueError("no tokenizer: pass one, or a model directory that holds one")
-            rows = self.total_steps * cfg.batch_size * cfg.grad_accum * self.world
-            with acc.main_process_first():
-                data = build_data(self.tokenizer, cfg.corpus, cfg.data, cfg.seq_len, rows,
-                                  max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
-                                  cfg.val_fraction, cfg.packing)
-        self.data = data
-        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult,
-                                         cfg.adapter_lr_mult)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup(self.total_steps), cfg.schedule,
-                                         cfg.min_lr_ratio)
-        self.step = 0
-        self.tokens = 0
-        self.history: dict[str, Any] = {}
-        self._log_file = None
-        self._tb = None
+    def _build_data(self) -> PackedData:
+        cfg = self.cfg
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: pass one, or a model directory that holds one")
+        rows = self.total_steps * cfg.batch_size * cfg.grad_accum * self.world
+        with self.accelerator.main_process_first():
+            return build_data(self.tokenizer, cfg.corpus, cfg.data, cfg.seq_len, rows,
+                              max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
+                              cfg.val_fraction, cfg.packing)
+
+    def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        cfg = self.cfg
+        return build_scheduler(self.optimizer, self.total_steps, cfg.warmup(self.total_steps), cfg.schedule,
+                               cfg.min_lr_ratio, step)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -198,39 +169,16 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
     def log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        if self._log_file is None:
-            (self.out / "logs").mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.out / "logs" / "train.jsonl", "a", encoding="utf-8")
-            if self.cfg.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.out / "logs" / "tb"))
-                except ImportError:
-                    self._tb = None
-        self._log_file.write(json.dumps(record) + "\n")
-        self._log_file.flush()
-        if self._tb is not None:
-            step = record.get("step", self.step)
-            for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+        """Append `record` to logs/train.jsonl and send its numbers to the other trackers (main process)."""
+        log_record(self.accelerator, record, record.get("step", self.step))
 
     def validate(self, tag: str) -> dict[str, dict[str, float]]:
         cfg = self.cfg
         batches = self.data.valid_batches(cfg.eval_batch_size, self.rank, self.world)
         with self.accelerator.autocast():
             result = evaluate(self.core, batches, cfg.eval_loops if self.looped else [1], cfg.conf_margin,
-                              cfg.ce_chunk, self.accelerator.device, reduce=self._reduce_sum)
+                              cfg.ce_chunk, self.accelerator.device, reduce=self.accelerator.reduce)
         self.log({"step": self.step, "event": "validation", "tag": tag, "valid": result})
         return result
 
@@ -241,7 +189,7 @@ class Trainer:
         if self.is_main:
             prepare_staging(self.out, self.step)
         acc.wait_for_everyone()
-        write_rank_rng(staging_dir(self.out, self.step), self.rank)
+        acc.save_state(str(staging_dir(self.out, self.step)))  # this process's RNG states
         if self.sharded:
             trainable, optimizer_state = gather_trainable(self.module), gather_optimizer(self.module, self.optimizer)
         else:
@@ -251,24 +199,25 @@ class Trainer:
         if self.is_main:
             state = {"step": self.step, "micro_batches": self.step * self.cfg.grad_accum, "tokens": self.tokens,
                      "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict()}
-            path = finalize_checkpoint(self.out, self.step, trainable, optimizer_state, self.scheduler, state,
+            path = finalize_checkpoint(self.out, self.step, trainable, optimizer_state, state,
                                        self.cfg.keep_checkpoints)
             self.log({"step": self.step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
         return path
 
     def restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, self.rank)
-        saved = ckpt["state"]["config"]
+        """Continue exactly from checkpoint `path`; refuses one written with other data or plan settings."""
+        ckpt = load_checkpoint(path)
+        state, saved = ckpt["state"], ckpt["state"]["config"]
         current = self.cfg.to_dict()
         # a key the checkpoint lacks predates its option: the run then had the option's default behaviour
         defaults = TrainConfig.defaults()
         diff = {k: (saved.get(k, defaults[k]), current.get(k)) for k in RESUME_KEYS
                 if saved.get(k, defaults[k]) != current.get(k)}
-        if ckpt["state"].get("world", self.world) != self.world:
-            diff["processes"] = (ckpt["state"]["world"], self.world)
-        if ckpt["state"].get("sharded", False) != self.sharded:
-            diff["fsdp"] = (ckpt["state"].get("sharded", False), self.sharded)
+        if state.get("world", self.world) != self.world:
+            diff["processes"] = (state["world"], self.world)
+        if state.get("sharded", False) != self.sharded:
+            diff["fsdp"] = (state.get("sharded", False), self.sharded)
         if diff:
             raise ValueError(f"cannot resume from {path} exactly: settings differ (checkpoint, now): {diff}")
         wanted = trainable_state(self.module)
@@ -276,6 +225,9 @@ class Trainer:
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks trained weights {missing[:3]} ({len(missing)} in all)")
         peaks = [group["initial_lr"] for group in self.optimizer.param_groups]  # this run's peak lrs
+        if len(ckpt["optimizer"]["param_groups"]) != len(peaks):
+            raise ValueError(f"cannot resume: the checkpoint's optimiser has {len(ckpt['optimizer']['param_groups'])} "
+                             f"param groups, this run builds {len(peaks)}")
         if self.sharded:
             load_sharded(self.module, self.optimizer, {k: ckpt["trainable"][k] for k in wanted}, ckpt["optimizer"])
         else:
@@ -284,34 +236,23 @@ class Trainer:
                     if name in wanted:
                         p.copy_(ckpt["trainable"][name].to(p.device, p.dtype))
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
         self._rebase_schedule(peaks, saved)
-        if ckpt["rng"] is not None:
-            set_rng_state(ckpt["rng"])
-        self.step = int(ckpt["state"]["step"])
-        self.tokens = int(ckpt["state"]["tokens"])
+        load_rng(self.accelerator, path)
 
     def _rebase_schedule(self, peaks: list[float], saved: dict[str, Any]) -> None:
-        """Make this run's lr settings take effect after the optimiser and scheduler state brought back the old.
+        """Rebuild the schedule at the restored step from this run's peak lrs (`peaks`, one per param group).
 
-        The schedule is re-based to this run's peak lrs (`peaks`, one per param group) at the restored
-        step; with the checkpoint's own settings this recomputes the restored values exactly.
+        The optimiser state brought back the checkpoint's lrs. With the checkpoint's own settings the
+        rebuilt schedule gives the same values exactly; a new `--lr` (or schedule) takes effect here.
         """
         cfg = self.cfg
-        groups, scheduler = self.optimizer.param_groups, self.scheduler
-        if len(peaks) != len(groups) or len(scheduler.base_lrs) != len(groups):
-            raise ValueError(f"cannot resume: the checkpoint's optimiser has {len(groups)} param groups, this run "
-                             f"builds {len(peaks)}")
-        before = [group["lr"] for group in groups]
-        scheduler.base_lrs = list(peaks)
-        now = [peak * factor(scheduler.last_epoch) for peak, factor in zip(peaks, scheduler.lr_lambdas)]
-        for group, peak, lr in zip(groups, peaks, now):
+        before = [float(group["lr"]) for group in self.optimizer.param_groups]
+        for group, peak in zip(self.optimizer.param_groups, peaks):
             group["initial_lr"] = peak
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        scheduler._last_lr = [float(group["lr"]) for group in groups]
+        self.scheduler = self._schedule(self.step)
+        now = self.scheduler.get_last_lr()
         old_lr, old_mult = saved.get("lr", cfg.lr), saved.get("new_module_lr_mult", cfg.new_module_lr_mult)
         if (old_lr, old_mult) != (cfg.lr, cfg.new_module_lr_mult) or before != now:
             if old_lr != cfg.lr:
@@ -321,11 +262,11 @@ class Trainer:
                            f"{old_mult})")
             else:
                 message = "resuming with this run's schedule settings"
-            message += (f": schedule re-based, lr at step {scheduler.last_epoch} is {now[0]:.6g} "
-                        f"(checkpoint had {float(before[0]):.6g})")
+            message += (f": schedule re-based, lr at step {self.step} is {now[0]:.6g} "
+                        f"(checkpoint had {before[0]:.6g})")
             if self.is_main:
                 print(message, flush=True)
-            self.log({"step": scheduler.last_epoch, "event": "lr_rebased", "message": message,
+            self.log({"step": self.step, "event": "lr_rebased", "message": message,
                       "lr": cfg.lr, "checkpoint_lr": old_lr, "group_lrs": now})
 
     # -- one optimiser step -------------------------------------------------------------------------
@@ -357,13 +298,12 @@ class Trainer:
             # still advance their step count and bias correction).
             for p in self.params:
                 if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(self.world)
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         grad_norm = clip_gradients(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         losses = [v for k, v in totals.items() if k.startswith(("lm", "conf", "mono"))]
         bad = torch.tensor(float(not all(math.isfinite(v) for v in losses) or "nonfinite" in totals
                                  or not torch.isfinite(grad_norm)), device=acc.device)
-        if float(self._reduce_sum(bad)) > 0:
+        if float(acc.reduce(bad)) > 0:
             last = latest_checkpoint(self.out)
             shown = {k: round(v, 4) for k, v in totals.items() if k.startswith(("lm", "conf", "mono"))}
             raise TrainingDiverged(
@@ -449,7 +389,7 @@ class Trainer:
             if bad:
                 raise CheckpointError(f"refusing to save non-finite weights ({bad[:3]})")
             if self.cfg.gradient_checkpointing:
-                model.gradient_checkpointing_disable()
+                disable_gradient_checkpointing(model)
             tmp = self.out / ".final-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, state_dict=weights)
@@ -459,24 +399,10 @@ class Trainer:
                 os.replace(f, self.out / f.name)
             tmp.rmdir()
             (self.out / "metrics.json").write_text(json.dumps(self.history, indent=1))
-            self.log({"step": self.step, "event": "done", **{k: v for k, v in self.history.items()}})
-            if self._tb is not None:
-                self._tb.close()
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
+            self.log({"step": self.step, "event": "done", **self.history})
+            for tracker in acc.trackers:
+                tracker.finish()
         acc.wait_for_everyone()
-
-
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = value
-    return out
 
 
 def train(cfg: TrainConfig, **kwargs) -> dict[str, Any]:

@@ -10,23 +10,29 @@ from __future__ import annotations
 import bz2
 import csv
 import json
-import re
 from pathlib import Path
 
 import datasets
+from lm_eval.tasks.hellaswag.utils import preprocess as hellaswag_preprocess
 
-from loopus.paths import data_dir
+# lm-eval's own wikitext and winogrande helpers, so prompts and metrics are exactly lm-eval's: the task
+# YAMLs here name them `utils.<name>` (lm-eval resolves `!function` against this file).
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results  # noqa: F401
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: F401
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as winogrande_doc_to_choice  # noqa: F401
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target  # noqa: F401
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text  # noqa: F401
+
+from loopus.paths import data_dir, data_file
 
 
 def _root(kwargs: dict) -> Path:
     return data_dir(kwargs.get("data_dir"))
 
 
-def _file(kwargs: dict, relative: str, what: str) -> Path:
-    path = _root(kwargs) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {relative} not found in the data directory {path.parent.parent}")
-    return path
+def _file(kwargs: dict, relative: str) -> Path:
+    """`relative` in the data directory; FileNotFoundError naming both if it is not there."""
+    return data_file(relative, kwargs.get("data_dir"))
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -57,7 +63,7 @@ def wikitext_pages(text: str) -> list[str]:
 
 
 def load_wikitext(**kwargs) -> datasets.DatasetDict:
-    text = _file(kwargs, "wikitext2/wiki.test.raw", "wikitext").read_text(encoding="utf-8")
+    text = _file(kwargs, "wikitext2/wiki.test.raw").read_text(encoding="utf-8")
     return datasets.DatasetDict({"test": _dataset([{"page": p} for p in wikitext_pages(text)])})
 
 
@@ -65,24 +71,15 @@ def load_wikitext(**kwargs) -> datasets.DatasetDict:
 
 
 def load_lambada_openai(**kwargs) -> datasets.DatasetDict:
-    rows = _jsonl(_file(kwargs, "lambada_openai/lambada_test.jsonl", "lambada_openai"))
+    rows = _jsonl(_file(kwargs, "lambada_openai/lambada_test.jsonl"))
     return datasets.DatasetDict({"test": _dataset([{"text": r["text"]} for r in rows])})
 
 
 # -- hellaswag (derived 6-lines-per-task text format, see the data directory's SOURCES.md) -----------
 
 
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's hellaswag `preprocess`."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    text = text.replace("  ", " ")
-    return text
-
-
 def load_hellaswag(**kwargs) -> datasets.DatasetDict:
-    path = _file(kwargs, "hellaswag/hellaswag_val_full.txt.bz2", "hellaswag")
+    path = _file(kwargs, "hellaswag/hellaswag_val_full.txt.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
@@ -113,7 +110,7 @@ def _ai2_choices(question: dict) -> dict[str, list[str]]:
 
 def _arc(kwargs: dict, name: str) -> datasets.DatasetDict:
     rows = []
-    for r in _jsonl(_file(kwargs, f"arc/{name}-Test.jsonl", name)):
+    for r in _jsonl(_file(kwargs, f"arc/{name}-Test.jsonl")):
         q = r["question"]
         rows.append(
             {
@@ -138,8 +135,8 @@ def load_arc_challenge(**kwargs) -> datasets.DatasetDict:
 
 
 def load_piqa(**kwargs) -> datasets.DatasetDict:
-    rows = _jsonl(_file(kwargs, "piqa/valid.jsonl", "piqa"))
-    labels = _file(kwargs, "piqa/valid-labels.lst", "piqa").read_text().split()
+    rows = _jsonl(_file(kwargs, "piqa/valid.jsonl"))
+    labels = _file(kwargs, "piqa/valid-labels.lst").read_text().split()
     if len(labels) != len(rows):
         raise ValueError(f"piqa: {len(rows)} questions but {len(labels)} labels")
     out = [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)} for r, y in zip(rows, labels)]
@@ -161,11 +158,9 @@ def load_mmlu(subject: str, **kwargs) -> datasets.DatasetDict:
     splits = {"test": "test", "dev": "dev", "validation": "val"}
     out = {}
     for split, folder in splits.items():
-        path = _root(kwargs) / "mmlu" / folder / f"{subject}_{folder}.csv"
-        if split == "test" and not path.exists():
-            raise FileNotFoundError(f"mmlu: mmlu/{folder}/{path.name} not found in the data directory {_root(kwargs)}")
-        if path.exists():
-            out[split] = _dataset(_mmlu_csv(path, subject))
+        relative = f"mmlu/{folder}/{subject}_{folder}.csv"
+        if split == "test" or (_root(kwargs) / relative).exists():  # only the test split is required
+            out[split] = _dataset(_mmlu_csv(_file(kwargs, relative), subject))
     return datasets.DatasetDict(out)
 
 
@@ -174,7 +169,7 @@ def load_mmlu(subject: str, **kwargs) -> datasets.DatasetDict:
 
 def load_winogrande(**kwargs) -> datasets.DatasetDict:
     """`winogrande/dev.jsonl` (+ `dev-labels.lst` if present, which then decides the answer)."""
-    rows = _jsonl(_file(kwargs, "winogrande/dev.jsonl", "winogrande"))
+    rows = _jsonl(_file(kwargs, "winogrande/dev.jsonl"))
     labels_path = _root(kwargs) / "winogrande" / "dev-labels.lst"
     if labels_path.exists():
         labels = labels_path.read_text().split()
@@ -196,11 +191,11 @@ def load_winogrande(**kwargs) -> datasets.DatasetDict:
 def load_openbookqa(**kwargs) -> datasets.DatasetDict:
     out = {}
     for split, name in (("train", "train"), ("validation", "dev"), ("test", "test")):
-        path = _root(kwargs) / "openbookqa" / f"{name}.jsonl"
-        if not path.exists():
+        relative = f"openbookqa/{name}.jsonl"
+        if split != "test" and not (_root(kwargs) / relative).exists():  # only the test split is required
             continue
         rows = []
-        for r in _jsonl(path):
+        for r in _jsonl(_file(kwargs, relative)):
             q = r["question"]
             rows.append(
                 {
@@ -211,63 +206,4 @@ def load_openbookqa(**kwargs) -> datasets.DatasetDict:
                 }
             )
         out[split] = _dataset(rows)
-    if "test" not in out:
-        raise FileNotFoundError(f"openbookqa: openbookqa/test.jsonl not found in the data directory {_root(kwargs)}")
     return datasets.DatasetDict(out)
-
-
-# -- lm-eval's own per-task helpers (same logic as lm_eval/tasks/*), so prompts and metrics match --------
-
-
-def wikitext_detokenizer(doc):
-    string = doc["page"]
-    string = string.replace("s '", "s'")
-    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
-    string = string.replace(" @-@ ", "-")
-    string = string.replace(" @,@ ", ",")
-    string = string.replace(" @.@ ", ".")
-    string = string.replace(" : ", ": ")
-    string = string.replace(" ; ", "; ")
-    string = string.replace(" . ", ". ")
-    string = string.replace(" ! ", "! ")
-    string = string.replace(" ? ", "? ")
-    string = string.replace(" , ", ", ")
-    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
-    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
-    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
-    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
-    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
-    string = string.replace("= = = =", "====")
-    string = string.replace("= = =", "===")
-    string = string.replace("= =", "==")
-    string = string.replace(" " + chr(176) + " ", chr(176))
-    string = string.replace(" \n", "\n")
-    string = string.replace("\n ", "\n")
-    string = string.replace(" N ", " 1 ")
-    string = string.replace(" 's", "'s")
-    return string
-
-
-def wikitext_process_results(doc, results):
-    (loglikelihood,) = results
-    _words = len(re.split(r"\s+", doc["page"]))
-    _bytes = len(doc["page"].encode("utf-8"))
-    return {
-        "word_perplexity": (loglikelihood, _words),
-        "byte_perplexity": (loglikelihood, _bytes),
-        "bits_per_byte": (loglikelihood, _bytes),
-    }
-
-
-def winogrande_doc_to_text(doc):
-    return {"1": 0, "2": 1}[doc["answer"]]
-
-
-def winogrande_doc_to_target(doc):
-    idx = doc["sentence"].index("_") + 1
-    return doc["sentence"][idx:].strip()
-
-
-def winogrande_doc_to_choice(doc):
-    idx = doc["sentence"].index("_")
-    return [doc["sentence"][:idx] + opt for opt in (doc["option1"], doc["option2"])]
