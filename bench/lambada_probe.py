@@ -4,7 +4,8 @@ LAMBADA (lm-eval's `lambada_openai`) scores the last word of a passage given the
 recipe study found its perplexity doubling after short training runs that leave held-out enwiki level.
 This scores the same passages as lm-eval does (context with the tokenizer's BOS, continuation " word")
 and splits them by whether the target word already occurs in the context (copying from the passage,
-what LAMBADA was built to test) or not, and lists the top predictions where the trained model fails.
+what LAMBADA was built to test) or not, and by whether the context is longer than the training rows,
+and lists the top predictions where the trained model fails.
 
     python bench/lambada_probe.py runs/recipes/dense runs/recipes/fp --limit 200
 """
@@ -38,9 +39,27 @@ def target_logprobs(model, tokenizer, passages: list[str]) -> list[dict]:
             "greedy": bool((logprobs.argmax(-1) == target).all()),
             "top1": tokenizer.decode([int(logprobs[0].argmax())]),
             "copy": word.lower() in context.lower(),
+            "context_tokens": len(ctx_ids),
             "word": word,
         })
     return out
+
+
+def induction_nll(model, bos: int, vocab: int, length: int = 48, trials: int = 16) -> tuple[float, float]:
+    """Mean NLL on the first and on the second copy of a random token sequence repeated once, BOS-led:
+    the second copy is predictable only by copying from the context (induction)."""
+    generator = torch.Generator().manual_seed(0)
+    one_loop = {"num_loops": 1, "use_cache": False} if hasattr(model, "loop_step") else {}
+    first, second = 0.0, 0.0
+    for _ in range(trials):
+        seq = torch.randint(1000, vocab, (length,), generator=generator)
+        ids = torch.cat([torch.tensor([bos]), seq, seq])[None]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids, **one_loop).logits[0, :-1].float(), -1)
+        nll = -logprobs.gather(1, ids[0, 1:, None]).squeeze(1)
+        first += float(nll[:length].mean()) / trials
+        second += float(nll[length:].mean()) / trials
+    return first, second
 
 
 def summary(rows: list[dict]) -> dict:
@@ -56,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="gemma-3-270m")
     p.add_argument("--data", default=None)
     p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--train-seq", type=int, default=128, help="the training rows' length: contexts are split at it")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -68,16 +88,23 @@ def main(argv: list[str] | None = None) -> int:
 
     passages = list(read_jsonl_texts(data_file("lambada_openai/lambada_test.jsonl", args.data), "text"))[: args.limit]
     base, tokenizer = load_base(args.base)
-    scores = {"base": target_logprobs(base.eval(), tokenizer, passages)}
+    models = {"base": base.eval()}
     for path in args.models:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        scores[Path(path).name] = target_logprobs(model, tokenizer, passages)
-    report = {}
+        models[Path(path).name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    scores, report = {}, {}
+    for name, model in models.items():
+        scores[name] = target_logprobs(model, tokenizer, passages)
+        first, second = induction_nll(model, tokenizer.bos_token_id, len(tokenizer))
+        print(f"{name:10s} induction: NLL {first:.2f} on random tokens, {second:.2f} on their repeat")
+        report[name] = {"induction_nll": {"first": first, "repeat": second}}
     for name, rows in scores.items():
-        report[name] = {"all": summary(rows), "copy": summary([r for r in rows if r["copy"]]),
-                        "no_copy": summary([r for r in rows if not r["copy"]])}
+        report[name] |= {"all": summary(rows), "copy": summary([r for r in rows if r["copy"]]),
+                        "no_copy": summary([r for r in rows if not r["copy"]]),
+                        f"context<={args.train_seq}": summary([r for r in rows if r["context_tokens"] <= args.train_seq]),
+                        f"context>{args.train_seq}": summary([r for r in rows if r["context_tokens"] > args.train_seq])}
         print(f"{name:10s} " + "  ".join(f"{k}: n={v['n']} ppl {v.get('ppl', float('nan')):.2f} "
-                                          f"acc {v.get('acc', float('nan')):.3f}" for k, v in report[name].items()))
+                                          f"acc {v.get('acc', float('nan')):.3f}" for k, v in report[name].items()
+                                          if k != "induction_nll"))
     for name in list(scores)[1:]:
         lost = [(b, r) for b, r in zip(scores["base"], scores[name]) if b["greedy"] and not r["greedy"]]
         drops = sorted(((b["logprob"] - r["logprob"], b, r) for b, r in zip(scores["base"], scores[name])),
