@@ -254,6 +254,7 @@ def report(out: Path, plot: Path | None) -> str:
                 else:
                     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # one arm can be 10x off: ratios read the same at every height
             ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
             ax.set_xlabel("loops")
             ax.set_ylabel("held-out perplexity")
