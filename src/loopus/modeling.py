@@ -207,7 +207,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             self.config.base_config,
             self.config.encoder_layers,
             self.config.decoder_layers,
-            max_depth or self.config.num_loops,
+            self.config.num_loops if max_depth is None else max_depth,
             kv_mode or self.config.kv_mode,
         )
 
