@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import teacher_forced  # noqa: E402  (the same token-by-token scorer as bench/decode.py)
 
 RULES = [  # (label, budget, kv_mode, exit kwargs)
+    ("fixed 1", 1, "per_depth", {}),
+    ("fixed 2", 2, "per_depth", {}),
     ("fixed 4", 4, "per_depth", {}),
     ("fixed 8", 8, "per_depth", {}),
     ("fixed 8, kv shared", 8, "shared", {}),
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens per corpus")
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--rules", default=None, help="comma list of rule labels to run (default: all)")
+    p.add_argument("--rules", default=None, help="rule labels to run, separated by semicolons (labels hold commas; default: all)")
     p.add_argument("--out", default="runs/exit_trained.json")
     args = p.parse_args(argv)
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pieces = windows(tokenizer, args.data, args.tokens, args.window)
-    chosen = [r for r in RULES if args.rules is None or r[0] in args.rules.split(",")]
+    chosen = [r for r in RULES if args.rules is None or r[0] in [x.strip() for x in args.rules.split(";")]]
     report = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "tokens": sum(x.shape[1] - 1 for x in pieces), "window": args.window, "rules": {}}
     for label, budget, kv_mode, kwargs in chosen:
@@ -91,14 +93,18 @@ def main(argv: list[str] | None = None) -> int:
                  "kv_mode": kv_mode, **kwargs, "wall_s": time.time() - start}
         report["rules"][label] = entry
         print(f"{label:28s} ppl {entry['ppl']:.3f}  passes {entry['mean_passes']:.2f}", flush=True)
+        write_report(report, Path(args.out))  # after every rule: a long run stopped early keeps what it measured
+    return 0
+
+
+def write_report(report: dict, path: Path) -> None:
     fixed = report["rules"].get("fixed 8")
     if fixed:
         for entry in report["rules"].values():
             entry["ppl_cost_vs_fixed8"] = entry["ppl"] / fixed["ppl"] - 1
             entry["passes_saved_vs_fixed8"] = 1 - entry["mean_passes"] / 8
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

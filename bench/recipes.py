@@ -82,6 +82,11 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                    {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
                     "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0,
                     "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}),
+    "depth_only_t2": ("depth_only with T = 2 (loops 1 and 2 supervised in every batch): do the deeper "
+                      "horizons cause depth_only's loss beyond 2 loops?",
+                      {"mode": "loopus", "gate_init": 0.02, "horizon_max": 2, "supervise_first": True,
+                       "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0,
+                       "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}),
 }
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
