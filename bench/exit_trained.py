@@ -39,6 +39,8 @@ RULES = [  # (label, budget, kv_mode, exit kwargs)
     ("convergence 0.2", 8, "per_depth", {"exit_strategy": "convergence", "exit_threshold": 0.2}),
     ("threshold 0.9, budget 4", 4, "per_depth", {"exit_strategy": "threshold", "exit_threshold": 0.9}),
     ("kl 0.05, budget 4", 4, "per_depth", {"exit_strategy": "kl", "exit_threshold": 0.05}),
+    ("cdf 0.9, budget 4", 4, "per_depth", {"exit_strategy": "cdf", "exit_threshold": 0.9}),
+    ("convergence 0.05, budget 4", 4, "per_depth", {"exit_strategy": "convergence", "exit_threshold": 0.05}),
 ]
 
 

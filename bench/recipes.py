@@ -42,6 +42,7 @@ COMMON: dict[str, Any] = {
     "schedule": "cosine",
     "min_lr_ratio": 0.1,
     "freeze": ["embeddings", "encoder"],
+    "depth_lora_rank": 0,
     "packing": "documents",
     # every recipe setting is spelled out, so a later change of the package defaults moves no arm
     "gate_rank": 64,

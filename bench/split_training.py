@@ -61,6 +61,7 @@ def main() -> None:
                 model="gemma-3-270m", out=str(out), data=args.data, encoder_layers=encoder, decoder_layers=decoder,
                 max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=1,
                 val_tokens=512, eval_loops=[1], eval_at_start=False, tensorboard=False, progress=False,
+                depth_lora_rank=0, freeze=["embeddings", "encoder"],  # the full-weight recipe its figures used
             )
             train(cfg)
         if args.steps > 0:

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         warmup_steps=args.warmup_steps, val_tokens=args.val_tokens, threads=args.threads, precision=args.precision,
         encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, eval_loops=args.eval_loops,
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, eval_batch_size=2,
-        resume=True,
+        resume=True, depth_lora_rank=0, freeze=["embeddings", "encoder"],  # full-weight RDS, as its figures
     )
     summary: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

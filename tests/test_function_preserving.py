@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import loopus
 from loopus.train import TrainConfig, Trainer
+from loopus.train.config import DEPTH_ADAPTER_RECIPE, FULL_WEIGHT_FREEZE
 from loopus.train.objective import RDSPlan, rds_step
 from conftest import char_tokenizer, tiny_base
 from test_train_helpers import write_corpus
@@ -86,12 +87,13 @@ def test_depth_adapters_refuse_a_second_set():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_one_loop_stays_the_base_model_after_training_depth_adapters(tmp_path, family):
+def test_the_default_recipe_keeps_one_loop_exactly_the_base_after_training(tmp_path, family):
+    """The default recipe trains depth-wise adapters, gate and head only (nothing about it is set here)."""
     write_corpus(tmp_path / "data")
     cfg = TrainConfig(model="unused", out=str(tmp_path / "run"), data=str(tmp_path / "data"), corpus=["tiny"],
                       seq_len=16, batch_size=2, max_steps=8, lr=1e-2, horizon_min=2, horizon_max=3,
-                      depth_lora_rank=4, freeze=["embeddings", "encoder", "reasoning", "decoder", "head"],
                       eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False)
+    assert cfg.depth_lora_rank == DEPTH_ADAPTER_RECIPE["depth_lora_rank"] > 0
     model = loopus.convert(tiny_base(family).train(), 2, 1, gate_init=0.1)
     before = logits(model, 3)
     Trainer(cfg, model=model, tokenizer=char_tokenizer()).train()
@@ -99,6 +101,21 @@ def test_one_loop_stays_the_base_model_after_training_depth_adapters(tmp_path, f
     assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if "lora_B" in n)
     assert torch.equal(logits(trained, 1), tiny_base(family)(IDS).logits.detach())
     assert (logits(trained, 3) - before).abs().max() > 1e-4
+
+
+def test_the_default_recipe_falls_back_to_full_weights_where_depth_adapters_cannot_run():
+    adapters = TrainConfig(max_steps=1)
+    assert adapters.depth_lora_rank == 16 and set(adapters.freeze) == {"embeddings", "encoder", "reasoning",
+                                                                        "decoder", "head"}
+    for options in ({"mode": "dense"}, {"lora_rank": 4}, {"fsdp": True}, {"gradient_checkpointing": True},
+                    {"depth_lora_rank": 0}):
+        full = TrainConfig(max_steps=1, **options)
+        assert full.depth_lora_rank == 0 and full.freeze == FULL_WEIGHT_FREEZE, options
+    # what is given is kept: explicit adapters with trainable shared weights (the study's fp_depth arm)
+    mixed = TrainConfig(max_steps=1, depth_lora_rank=4, freeze=["embeddings", "encoder"])
+    assert mixed.depth_lora_rank == 4 and mixed.freeze == ["embeddings", "encoder"]
+    # resolving is idempotent: a saved config reads back as the same run
+    assert TrainConfig.from_dict(adapters.to_dict()) == adapters
 
 
 def test_depth_adapter_training_options_are_checked():

@@ -38,7 +38,9 @@ def config(out, corpus, **overrides):
     values = dict(model="unused", out=str(out), data=str(corpus), corpus=["tiny"], seq_len=16, batch_size=2,
                   grad_accum=2, max_steps=6, lr=1e-2, horizon_min=1, horizon_max=4, supervised_min=1,
                   supervised_max=2, eval_loops=[1, 2, 4], eval_at_start=False, eval_at_end=False,
-                  progress=False, tensorboard=False, save_every=2)
+                  progress=False, tensorboard=False, save_every=2,
+                  # these tests are about the trainer's mechanics on full-weight RDS, not the default recipe
+                  depth_lora_rank=0, freeze=["embeddings", "encoder"])
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -352,7 +354,7 @@ def launch_two_processes(out, corpus, tiny_dir, *extra: str) -> None:
                "--batch-size", "2", "--max-steps", "3", "--lr", "0.001", "--eval-loops", "1,2", "--val-tokens", "64",
                "--save-every", "2", "--progress", "false", "--threads", "1", "--horizon-min", "2",
                # one lr for every group: at 1000x the gate's steps would magnify the cross-process sum order
-               "--new-module-lr-mult", "1", "--freeze", "embeddings", *extra]
+               "--new-module-lr-mult", "1", "--freeze", "embeddings", "--depth-lora-rank", "0", *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

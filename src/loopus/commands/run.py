@@ -28,12 +28,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "analyze_tokens": CALIBRATION_TOKENS,
         # the study's mix and recipe (TrainConfig defaults), 20k tokens: enough to show that nothing is
-        # lost; gains need the study's budget or more (docs/RESULTS.md, issue 11)
+        # lost; gains need the study's budget or more (docs/RESULTS.md, issue 11). 2 loops are where the
+        # study's winner gains; 4 show what deeper loops do at this budget
         "train": {"max_steps": 40, "seq_len": 128, "batch_size": 4, "corpus": ["enwiki", "eltec_eng"],
-                  "eval_loops": [1, 4], "val_tokens": 1024},
+                  "eval_loops": [1, 2, 4], "val_tokens": 1024},
         "tasks": ["arc_easy", "lambada_openai"],
         "limit": 15,
-        "loops": [1, 4],
+        "loops": [1, 2, 4],
         "exit_strategy": "threshold",
         "thresholds": [0.9],
         "ppl_tokens": 2048,

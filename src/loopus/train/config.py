@@ -13,6 +13,12 @@ from ..config import LoopUSConfig
 MODES = ("loopus", "dense")
 FREEZABLE = ("embeddings", "encoder", "reasoning", "adapters", "gate", "decoder", "head", "confidence")
 MODEL_DEFAULTS = LoopUSConfig()  # the conversion options take the model config's defaults, stated there once
+# The default recipe (issue-11 study, docs/RESULTS.md): a LoopUS run trains depth-wise adapters, the gate and
+# the confidence head, and leaves every base weight as it was, so one loop stays exactly the base model.
+DEPTH_ADAPTER_RECIPE = {"depth_lora_rank": 16, "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}
+# Without depth adapters (dense runs, --lora-rank, FSDP, activation checkpointing, --depth-lora-rank 0):
+# train layers from the encoder's end on, as in the study's dense and fp arms.
+FULL_WEIGHT_FREEZE = ["embeddings", "encoder"]
 
 
 @dataclass
@@ -25,11 +31,12 @@ class TrainConfig:
     decoder_layers: int | None = None
     gate_rank: int = MODEL_DEFAULTS.gate_rank
     gate_init: float = MODEL_DEFAULTS.gate_init
-    freeze: list[str] = field(default_factory=lambda: ["embeddings", "encoder"])
+    freeze: list[str] | None = None      # None: DEPTH_ADAPTER_RECIPE's with depth adapters, else FULL_WEIGHT_FREEZE
     lora_rank: int = 0                   # > 0: LoRA adapters (PEFT) on the trainable transformer layers
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    depth_lora_rank: int = MODEL_DEFAULTS.depth_lora_rank  # > 0: depth-wise LoRA on the reasoning block, loop 2 on
+    depth_lora_rank: int | None = None   # > 0: depth-wise LoRA on the reasoning block, loop 2 on; None: the
+                                         # recipe's rank where a run can use them (see resolve_recipe), else 0
     depth_lora_alpha: float = MODEL_DEFAULTS.depth_lora_alpha
     gradient_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
@@ -56,7 +63,7 @@ class TrainConfig:
     lr: float = 2e-5
     new_module_lr_mult: float = 1000.0   # lr multiplier for the new gate and confidence head (a near-
                                          # closed gate barely moves at the base weights' lr)
-    adapter_lr_mult: float = 1.0         # lr multiplier for the depth-wise adapters
+    adapter_lr_mult: float = 10.0        # lr multiplier for the depth-wise adapters (the study's 2e-4)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -96,9 +103,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def resolve_recipe(self) -> None:
+        """Fill the options left at None with the default recipe. Depth adapters are switched per loop, which
+        dense runs, plain LoRA, FSDP and activation checkpointing cannot use: those runs train full weights."""
+        if self.depth_lora_rank is None:
+            usable = self.mode == "loopus" and self.lora_rank == 0 and not (self.fsdp or self.gradient_checkpointing)
+            self.depth_lora_rank = DEPTH_ADAPTER_RECIPE["depth_lora_rank"] if usable else 0
+        if self.freeze is None:
+            self.freeze = list(DEPTH_ADAPTER_RECIPE["freeze"] if self.depth_lora_rank > 0 else FULL_WEIGHT_FREEZE)
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.resolve_recipe()
         for name in ("freeze", "corpus", "log_with"):  # a comma list given as one string
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [p for p in getattr(self, name).split(",") if p.strip()])

@@ -106,6 +106,9 @@ class Trainer:
         if self.sharded and cfg.lora_rank > 0:
             raise ValueError("LoRA adapters cannot be trained with FSDP: drop --fsdp (replicated training "
                              "supports LoRA) or train full weights with --lora-rank 0")
+        if self.sharded and cfg.depth_lora_rank > 0:
+            raise ValueError("depth-wise adapters are switched per loop, which FSDP does not replay: train full "
+                             "weights with --depth-lora-rank 0 (the default under --fsdp)")
         if self.sharded and not torch.distributed.is_initialized():
             raise ValueError("--fsdp needs a process group: start the run with `accelerate launch` (or torchrun)")
         if cfg.threads > 0:
@@ -211,7 +214,8 @@ class Trainer:
         state, saved = ckpt["state"], ckpt["state"]["config"]
         current = self.cfg.to_dict()
         # a key the checkpoint lacks predates its option: the run then had the option's default behaviour
-        defaults = TrainConfig.defaults()
+        # (for depth adapters: none, since they did not exist)
+        defaults = {**TrainConfig.defaults(), "depth_lora_rank": 0}
         diff = {k: (saved.get(k, defaults[k]), current.get(k)) for k in RESUME_KEYS
                 if saved.get(k, defaults[k]) != current.get(k)}
         if state.get("world", self.world) != self.world:
