@@ -250,7 +250,27 @@ def report(out: Path, plot: Path | None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 4))
+        fig, grid = plt.subplots(2, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 8))
+        axes, zoomed = grid[0], grid[1]
+        for ax, corpus in zip(zoomed, HELD_OUT):
+            # the same curves as % change against the untrained base: the 1-2% effects the top row hides
+            base = curves.get(("base", corpus))
+            if base is None:
+                continue
+            for arm in scores:
+                points = curves[(arm, corpus)]
+                rel = [(n, 100 * (p / base[0][1] - 1)) for n, p in points]
+                if len(rel) == 1:
+                    ax.axhline(rel[0][1], linestyle="--", label=f"{arm} (unlooped)",
+                               color="black" if arm == "base" else "gray")
+                else:
+                    ax.plot([r[0] for r in rel], [r[1] for r in rel], marker="o", label=arm)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+            ax.set_ylim(-4, 8)
+            ax.set_xlabel("loops")
+            ax.set_ylabel("perplexity vs the base (%), clipped to [-4, 8]")
+            ax.set_title(f"{corpus}, relative to the base")
         for ax, corpus in zip(axes, HELD_OUT):
             for arm in scores:
                 points = curves[(arm, corpus)]
