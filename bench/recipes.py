@@ -251,46 +251,39 @@ def report(out: Path, plot: Path | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, grid = plt.subplots(2, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 8))
-        axes, zoomed = grid[0], grid[1]
-        for ax, corpus in zip(zoomed, HELD_OUT):
-            # the same curves as % change against the untrained base: the 1-2% effects the top row hides
-            base = curves.get(("base", corpus))
-            if base is None:
-                continue
-            for arm in scores:
-                points = curves[(arm, corpus)]
-                rel = [(n, 100 * (p / base[0][1] - 1)) for n, p in points]
-                if len(rel) == 1:
-                    ax.axhline(rel[0][1], linestyle="--", label=f"{arm} (unlooped)",
-                               color="black" if arm == "base" else "gray")
-                else:
-                    ax.plot([r[0] for r in rel], [r[1] for r in rel], marker="o", label=arm)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
-            ax.set_ylim(-4, 8)
-            ax.set_xlabel("loops")
-            ax.set_ylabel("perplexity vs the base (%), clipped to [-4, 8]")
-            ax.set_title(f"{corpus}, relative to the base")
-        for ax, corpus in zip(axes, HELD_OUT):
-            for arm in scores:
-                points = curves[(arm, corpus)]
-                if len(points) == 1:
-                    ax.axhline(points[0][1], linestyle="--", label=f"{arm} (unlooped)",
-                               color="black" if arm == "base" else "gray")
-                else:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
-            ax.set_xscale("log", base=2)
+        for ax, corpus in zip(grid[0], HELD_OUT):
+            draw_curves(ax, {arm: curves[(arm, corpus)] for arm in scores})
             ax.set_yscale("log")  # one arm can be 10x off: ratios read the same at every height
-            ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
-            ax.set_xlabel("loops")
             ax.set_ylabel("held-out perplexity")
             ax.set_title(corpus)
-        axes[0].legend(fontsize=8)
+        for ax, corpus in zip(grid[1], HELD_OUT):
+            # the same curves as % change against the untrained base: the 1-2% effects the top row hides
+            if ("base", corpus) not in curves:
+                continue
+            base = curves[("base", corpus)][0][1]
+            draw_curves(ax, {arm: [(n, 100 * (p / base - 1)) for n, p in curves[(arm, corpus)]] for arm in scores})
+            ax.set_ylim(-4, 8)
+            ax.set_ylabel("perplexity vs the base (%), clipped to [-4, 8]")
+            ax.set_title(f"{corpus}, relative to the base")
+        grid[0][0].legend(fontsize=8)
         fig.suptitle("Gemma 3 270M, equal training tokens: perplexity vs loop count")
         fig.tight_layout()
         plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=110)
     return text
+
+
+def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
+    """One line per looped arm against loop count; an unlooped arm is a dashed level."""
+    for arm, points in curves.items():
+        if len(points) == 1:
+            ax.axhline(points[0][1], linestyle="--", label=f"{arm} (unlooped)",
+                       color="black" if arm == "base" else "gray")
+        else:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+    ax.set_xlabel("loops")
 
 
 def main(argv: list[str] | None = None) -> int:
