@@ -60,6 +60,12 @@ COMMON: dict[str, Any] = {
     "tensorboard": False,
 }
 
+FP: dict[str, Any] = {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
+                      "new_module_lr_mult": 1000.0}
+DEPTH_ADAPTERS: dict[str, Any] = {"depth_lora_rank": 16, "adapter_lr_mult": 10.0}
+DEPTH_ONLY: dict[str, Any] = {**FP, **DEPTH_ADAPTERS,
+                              "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}
+
 # arm -> (what it is, TrainConfig overrides); "base" is the untrained model
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("Gemma 3 270M, untrained", {}),
@@ -68,26 +74,20 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
               {"mode": "loopus", "gate_init": 0.5, "horizon_max": 8, "supervise_first": False,
                "new_module_lr_mult": 1.0}),
     "fp": ("LoopUS, function-preserving: gate init 0.02, T ~ U{2..4}, loop 1 always supervised, "
-           "gate and confidence head at 1000x lr",
-           {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
-            "new_module_lr_mult": 1000.0}),
+           "gate and confidence head at 1000x lr", FP),
     "fp_kl": ("fp + KL(base || loop 1) with weight 1 (the frozen model before training as the reference)",
-              {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
-               "new_module_lr_mult": 1000.0, "kl_base": 1.0}),
+              {**FP, "kl_base": 1.0}),
     "fp_depth": ("fp + depth-wise LoRA (rank 16, 10x lr) on the reasoning block from loop 2 on; "
-                 "the shared weights train too",
-                 {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
-                  "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0}),
+                 "the shared weights train too", {**FP, **DEPTH_ADAPTERS}),
     "depth_only": ("depth-wise LoRA only (rank 16, 10x lr), gate and confidence head; every base weight "
-                   "frozen, so one loop stays exactly the base model",
-                   {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
-                    "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0,
-                    "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}),
+                   "frozen, so one loop stays exactly the base model", DEPTH_ONLY),
     "depth_only_t2": ("depth_only with T = 2 (loops 1 and 2 supervised in every batch): do the deeper "
-                      "horizons cause depth_only's loss beyond 2 loops?",
-                      {"mode": "loopus", "gate_init": 0.02, "horizon_max": 2, "supervise_first": True,
-                       "new_module_lr_mult": 1000.0, "depth_lora_rank": 16, "adapter_lr_mult": 10.0,
-                       "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}),
+                      "horizons cause depth_only's loss beyond 2 loops?", {**DEPTH_ONLY, "horizon_max": 2}),
+    # the arms above read whole documents from the start of each file: 100k tokens are 16 documents
+    "dense_spread": ("dense on rows spread over documents (at most 2 rows per document, evenly spaced: "
+                     "400 documents)", {"mode": "dense", "rows_per_doc": 2}),
+    "depth_only_spread": ("depth_only on the same spread rows as dense_spread: does the deep-loop loss "
+                          "come from fitting 16 documents?", {**DEPTH_ONLY, "rows_per_doc": 2}),
 }
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
@@ -199,15 +199,20 @@ def paired_difference(arm_windows: list, ref_windows: list) -> tuple[float, floa
     return math.expm1(diff), math.exp(diff) * se
 
 
+def dense_reference(arm: str) -> str:
+    """The dense arm trained on the same rows as `arm` (dense_spread for the spread arms)."""
+    rows = ARMS[arm][1].get("rows_per_doc")
+    return next(name for name, (_, o) in ARMS.items() if o.get("mode") == "dense" and o.get("rows_per_doc") == rows)
+
+
 def report(out: Path, plot: Path | None) -> str:
     from loopus.eval.perplexity import HELD_OUT
 
     rows, curves = [], {}
     scores = {arm: json.loads((arm_dir(out, arm) / "scores.json").read_text())
               for arm in ARMS if (arm_dir(out, arm) / "scores.json").is_file()}
-    ref = scores.get("dense")
     lines = ["| arm | loops | " + " | ".join(f"{c} ppl ± se" for c in HELD_OUT)
-             + " | Δ vs dense, paired se (" + ", ".join(HELD_OUT) + ") |",
+             + " | Δ vs dense on the same rows, paired se (" + ", ".join(HELD_OUT) + ") |",
              "|---|---|" + "---|" * len(HELD_OUT) + "---|"]
     for arm, s in scores.items():
         for n in s["loops"]:
@@ -217,7 +222,8 @@ def report(out: Path, plot: Path | None) -> str:
                 cells.append(f"{v['ppl']:.3f} ± {v['ppl'] * v['nll_se']:.3f}")
                 curves.setdefault((arm, corpus), []).append((n, v["ppl"]))
             delta = ""
-            if ref is not None and arm != "dense":
+            ref = scores.get(dense_reference(arm)) if arm != "base" else scores.get("dense")
+            if ref is not None and ref is not s:
                 parts = []
                 for corpus in HELD_OUT:
                     d, se = paired_difference(s[corpus][str(n)]["windows"], ref[corpus]["1"]["windows"])

@@ -49,6 +49,27 @@ def test_document_rows_start_with_bos_and_stay_inside_one_document(tmp_path):
     assert not (inputs == tok.bos_token_id)[:, 1:].any()  # no second document inside a row
 
 
+def test_rows_per_doc_keeps_evenly_spaced_rows_of_every_document(tmp_path):
+    write_corpus(tmp_path)
+    tok = char_tokenizer()
+    whole = build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=10_000, valid_rows=3)
+    spread = build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=10_000, valid_rows=3, rows_per_doc=2)
+    docs = [json.loads(line)["text"] for line in (tmp_path / "tiny" / "train.jsonl").read_text().splitlines()]
+    expected = []  # rows 0 and n // 2 of a document of n rows; all rows of a shorter one
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        pieces = [ids[i : i + 16] for i in range(0, len(ids), 16)]
+        expected += pieces if len(pieces) <= 2 else [pieces[0], pieces[len(pieces) // 2]]
+    assert any(len(tok(d, add_special_tokens=False)["input_ids"]) > 32 for d in docs)  # some documents are cut
+    _, labels = split_row(spread.train, spread.bos)
+    assert [row[row != IGNORE_INDEX].tolist() for row in labels] == expected
+    assert spread.train.shape[0] < whole.train.shape[0]
+    assert torch.equal(spread.valid, whole.valid)  # validation still scores whole documents
+    with pytest.raises(ValueError, match="rows_per_doc needs packing='documents'"):
+        build_data(tok, ["tiny"], str(tmp_path), seq_len=16, train_rows=4, valid_rows=1, packing="stream",
+                   rows_per_doc=2)
+
+
 def test_stream_packing_separates_documents_and_ignores_the_next_bos(tmp_path):
     write_corpus(tmp_path)
     tok = char_tokenizer()
@@ -173,3 +194,23 @@ def test_default_enwiki_corpus_with_the_gemma_tokenizer(gemma, data_dir):
     # validation comes from enwiki/valid.jsonl, not from the training file
     first_valid = json.loads((data_dir / "enwiki" / "valid.jsonl").open().readline())["text"]
     assert tokenizer.decode(data.valid[0, 1:20].tolist()) in first_valid
+
+
+@pytest.mark.real
+def test_rows_per_doc_spreads_a_small_budget_over_many_real_documents(gemma, data_dir):
+    """The study's 800 rows of enwiki + ELTeC come from 16 documents whole, from 400 or more at rows_per_doc=2."""
+    _, tokenizer = gemma
+    starts = set()  # the first 8 tokens of each of the first 300 documents of both corpora
+    for name in ("enwiki", "eltec_eng"):
+        with open(data_dir / name / "train.jsonl", encoding="utf-8") as handle:
+            for _, line in zip(range(300), handle):
+                starts.add(tuple(tokenizer(json.loads(line)["text"][:200], add_special_tokens=False)["input_ids"][:8]))
+
+    def documents(rows_per_doc: int | None) -> int:
+        data = build_data(tokenizer, ["enwiki", "eltec_eng"], str(data_dir), seq_len=128, train_rows=800,
+                          valid_rows=1, rows_per_doc=rows_per_doc)
+        assert data.train.shape == (800, 129) and (data.train[:, 0] == tokenizer.bos_token_id).all()
+        return sum(tuple(row[1:9].tolist()) in starts for row in data.train)
+
+    assert documents(None) == 16
+    assert documents(2) >= 400  # at most 2 rows each (a one-row document gives one)

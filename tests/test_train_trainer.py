@@ -141,7 +141,7 @@ def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path,
     Trainer(config(tmp_path / "o", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()
     state_file = list_checkpoints(tmp_path / "o")[-1] / STATE_FILE
     state = json.loads(state_file.read_text())
-    del state["config"]["depth_lora_rank"]  # as written before the option existed
+    del state["config"]["depth_lora_rank"], state["config"]["rows_per_doc"]  # as written before the options existed
     state_file.write_text(json.dumps(state))
     resumed = Trainer(config(tmp_path / "o", corpus, max_steps=4, resume=True), model=tiny_loopus("llama"),
                       tokenizer=tok, data=packed)
@@ -151,6 +151,12 @@ def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path,
                       model=tiny_loopus("llama"), tokenizer=tok, data=packed)
     with pytest.raises(ValueError, match="depth_lora_rank"):
         adapted.train()
+    spread = Trainer(config(tmp_path / "o", corpus, max_steps=5, resume=True, rows_per_doc=2),
+                     model=tiny_loopus("llama"), tokenizer=tok, data=packed)
+    with pytest.raises(ValueError, match="rows_per_doc"):
+        spread.train()
+    with pytest.raises(ValueError, match="rows_per_doc must be >= 1 with packing=documents"):
+        config(tmp_path / "p", corpus, max_steps=1, rows_per_doc=2, packing="stream").validate()
 
 
 def test_rng_states_of_a_checkpoint_from_before_accelerate_still_restore(tmp_path):

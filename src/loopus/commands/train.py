@@ -55,6 +55,8 @@ FLAGS: dict[str, tuple[object, str]] = {
     "seq_len": (int, "tokens per packed sequence"),
     "packing": (str, "documents (each row inside one document, starting with the tokenizer's BOS; default) "
                      "or stream (documents concatenated and cut, rows start mid-document)"),
+    "rows_per_doc": (int, "at most this many training rows per document, evenly spaced through it, so a small "
+                          "budget covers many documents (default: every row)"),
     "batch_size": (int, "sequences per micro-batch per process"),
     "grad_accum": (int, "micro-batches per optimiser step"),
     "max_steps": (int, "optimiser steps"),

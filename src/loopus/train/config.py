@@ -48,6 +48,7 @@ class TrainConfig:
     text_field: str = "text"
     seq_len: int = 512
     packing: str = "documents"           # documents: every row inside one document, BOS-led | stream (legacy)
+    rows_per_doc: int | None = None      # at most this many training rows per document, evenly spaced (None: all)
     batch_size: int = 4                  # sequences per micro-batch per process
     grad_accum: int = 1                  # micro-batches per optimiser step
     val_tokens: int = 16384
@@ -142,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.packing not in ("documents", "stream"):
             raise ValueError(f"packing must be documents or stream, got {self.packing!r}")
+        if self.rows_per_doc is not None and (self.rows_per_doc < 1 or self.packing != "documents"):
+            raise ValueError(f"rows_per_doc must be >= 1 with packing=documents, got {self.rows_per_doc} with "
+                             f"packing={self.packing}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.depth_lora_rank < 0:

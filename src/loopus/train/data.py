@@ -22,6 +22,9 @@ Packing (`packing=`):
 - "stream": documents become `[bos] tokens [eos]`, are concatenated and cut into rows of
   `seq_len + 1` tokens with stride `seq_len`; most rows then start mid-document without a BOS and
   attend across document boundaries. The label that would predict the next document's BOS is ignored.
+`rows_per_doc=N` (documents packing, training rows only) keeps at most N rows of each document, evenly
+spaced through it: a small budget then spreads over many documents instead of the first few long ones
+(100k tokens of whole documents are 16 documents of enwiki + ELTeC; at N = 2 they are 400).
 Rows are `seq_len + 1` tokens: inputs = row[:-1], labels = row[1:].
 Weighted mixing takes round(weight * rows) rows from each corpus. Rows are shuffled with a
 generator seeded by (seed, epoch), so the order is a pure function of the seed and the position.
@@ -218,9 +221,11 @@ class Packer:
         if self.eos is None:
             raise ValueError("the tokenizer has no EOS token to separate packed documents")
 
-    def rows(self, documents: Iterable[str], max_rows: int) -> torch.Tensor:
+    def rows(self, documents: Iterable[str], max_rows: int, rows_per_doc: int | None = None) -> torch.Tensor:
         if self.packing == "documents":
-            return self._document_rows(documents, max_rows)
+            return self._document_rows(documents, max_rows, rows_per_doc)
+        if rows_per_doc is not None:
+            raise ValueError("rows_per_doc needs packing='documents' (a stream has no document rows)")
         return self._stream_rows(documents, max_rows)
 
     def _encoded(self, documents: Iterable[str]) -> Iterator[list[int]]:
@@ -234,7 +239,7 @@ class Packer:
         if pending:
             yield from self.tokenizer(pending, add_special_tokens=False)["input_ids"]
 
-    def _document_rows(self, documents: Iterable[str], max_rows: int) -> torch.Tensor:
+    def _document_rows(self, documents: Iterable[str], max_rows: int, rows_per_doc: int | None) -> torch.Tensor:
         width = self.seq_len + 1
         start = [self.bos] if self.bos is not None else []
         body = width - len(start)  # document tokens per row
@@ -242,7 +247,10 @@ class Packer:
         for ids in self._encoded(documents):
             ids = ids + [self.eos]
             # Each document token is a label once; without a BOS a row's first token is context only.
-            for offset in range(0, len(ids) - (0 if start else 1), self.seq_len):
+            offsets = range(0, len(ids) - (0 if start else 1), self.seq_len)
+            if rows_per_doc is not None and len(offsets) > rows_per_doc:
+                offsets = [offsets[i * len(offsets) // rows_per_doc] for i in range(rows_per_doc)]
+            for offset in offsets:
                 piece = ids[offset : offset + body]
                 rows.append(start + piece + [PAD_SLOT] * (body - len(piece)))
                 if len(rows) == max_rows:
@@ -339,8 +347,10 @@ def build_data(
     text_field: str = "text",
     val_fraction: float = 0.01,
     packing: str = "documents",
+    rows_per_doc: int | None = None,
 ) -> PackedData:
-    """Tokenise and pack just enough of each corpus for `train_rows` training rows (mixed by weight)."""
+    """Tokenise and pack just enough of each corpus for `train_rows` training rows (mixed by weight);
+    validation rows are whole documents whatever `rows_per_doc` says, so they score what `loopus eval` does."""
     specs = [parse_corpus(c) for c in corpus]
     if not specs:
         raise ValueError("no corpus given")
@@ -362,7 +372,7 @@ def build_data(
             valid_docs = (d for d in source.documents("train", text_field) if _held_out(d, val_fraction))
         else:
             train_docs = source.documents("train", text_field)
-        train = packer.rows(train_docs, n_train)
+        train = packer.rows(train_docs, n_train, rows_per_doc)
         if train.shape[0] == 0 and n_train > 0:
             raise ValueError(f"corpus {source.name!r} yielded no training text")
         valid = packer.rows(valid_docs, n_valid) if n_valid else torch.zeros(0, seq_len + 1, dtype=torch.int32)

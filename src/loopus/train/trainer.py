@@ -60,7 +60,7 @@ from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trai
 from .tracking import build_trackers, log_record
 
 # a resumed run must agree with its checkpoint on everything that decides the data and the plan
-RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "batch_size", "grad_accum", "seed", "horizon_min",
+RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "rows_per_doc", "batch_size", "grad_accum", "seed", "horizon_min",
                "horizon_max", "supervised_min", "supervised_max", "grad_steps", "supervise_last", "supervise_first",
                "lora_rank", "depth_lora_rank", "freeze")
 
@@ -159,7 +159,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             return build_data(self.tokenizer, cfg.corpus, cfg.data, cfg.seq_len, rows,
                               max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
-                              cfg.val_fraction, cfg.packing)
+                              cfg.val_fraction, cfg.packing, cfg.rows_per_doc)
 
     def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
         cfg = self.cfg
