@@ -29,6 +29,7 @@ RULES = [  # (label, budget, kv_mode, exit kwargs)
     ("fixed 4", 4, "per_depth", {}),
     ("fixed 8", 8, "per_depth", {}),
     ("fixed 8, kv shared", 8, "shared", {}),
+    ("fixed 4, kv shared", 4, "shared", {}),
     ("threshold 0.9", 8, "per_depth", {"exit_strategy": "threshold", "exit_threshold": 0.9}),
     ("threshold 0.7", 8, "per_depth", {"exit_strategy": "threshold", "exit_threshold": 0.7}),
     ("cdf 0.9", 8, "per_depth", {"exit_strategy": "cdf", "exit_threshold": 0.9}),
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens per corpus")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--rules", default=None, help="rule labels to run, separated by semicolons (labels hold commas; default: all)")
-    p.add_argument("--out", default="runs/exit_trained.json")
+    p.add_argument("--out", default="runs/exit_trained.json",
+                   help="report file; rules already in it for the same model and windows are kept")
     args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [r for r in RULES if args.rules is None or r[0] in [x.strip() for x in args.rules.split(";")]]
     report = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "tokens": sum(x.shape[1] - 1 for x in pieces), "window": args.window, "rules": {}}
+    report["rules"] = earlier_rules(Path(args.out), report)
     for label, budget, kv_mode, kwargs in chosen:
         nll, count, passes = 0.0, 0, 0.0
         start = time.time()
@@ -97,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:28s} ppl {entry['ppl']:.3f}  passes {entry['mean_passes']:.2f}", flush=True)
         write_report(report, Path(args.out))  # after every rule: a long run stopped early keeps what it measured
     return 0
+
+
+def earlier_rules(path: Path, report: dict) -> dict:
+    """The rules an earlier run wrote to `path` for the same model and windows: a later run with other
+    `--rules` adds to them instead of overwriting them."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(k) == report[k] for k in ("model", "tokens", "window"))
+    return earlier["rules"] if same else {}
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -88,6 +88,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                      "400 documents)", {"mode": "dense", "rows_per_doc": 2}),
     "depth_only_spread": ("depth_only on the same spread rows as dense_spread: does the deep-loop loss "
                           "come from fitting 16 documents?", {**DEPTH_ONLY, "rows_per_doc": 2}),
+    "fp_depth_spread": ("fp_depth on the spread rows: the shared weights take dense's gain, do the depth "
+                        "adapters add loop gains on top?", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2}),
 }
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
@@ -120,7 +122,7 @@ def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> 
          "throughput": {k: v for k, v in result.items() if "tokens" in k or "time" in k}}, indent=1, default=str))
 
 
-def load_scorable(arm: str, out: Path):
+def load_scorable(arm: str, out: Path, device: str = "cpu"):
     """The arm's model as a LoopUS model (base and dense are recast with the study's split: at one loop
     that computes exactly the unlooped model) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,17 +136,17 @@ def load_scorable(arm: str, out: Path):
         path = arm_dir(out, arm)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return as_looped(model, COMMON["encoder_layers"], COMMON["decoder_layers"]).eval(), tokenizer
+    return as_looped(model, COMMON["encoder_layers"], COMMON["decoder_layers"]).to(device).eval(), tokenizer
 
 
 def looped_arm(arm: str) -> bool:
     return ARMS[arm][1].get("mode") == "loopus"
 
 
-def score_arm(arm: str, out: Path, data: str | None, tokens: int) -> dict[str, Any]:
+def score_arm(arm: str, out: Path, data: str | None, tokens: int, device: str = "cpu") -> dict[str, Any]:
     from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
 
-    model, tokenizer = load_scorable(arm, out)
+    model, tokenizer = load_scorable(arm, out, device)
     loops = [1, 2, 4, 8] if looped_arm(arm) else [1]
     result: dict[str, Any] = {"arm": arm, "tokens_per_corpus": tokens, "window": 512, "loops": loops}
     start = time.time()

@@ -256,3 +256,18 @@ def test_schedule_counts_optimiser_steps_and_tokens_convert_to_steps():
         TrainConfig()
     with pytest.raises(ValueError, match="freeze"):
         TrainConfig(max_steps=1, freeze=["encoderz"])
+
+
+def test_plan_flops_count_the_weight_gradients_only_where_weights_train():
+    """Frozen reasoning and decoder weights (depth adapters train) drop one backward matmul per layer pass
+    with a gradient, and nothing else; the supervised-first draw puts loop 1 in every plan."""
+    from loopus.train.flops import per_token_costs, plan_flops, rds_step_flops
+
+    config = tiny_base("llama").config
+    plan = RDSPlan(3, (1, 3), 1)
+    layer, _ = per_token_costs(config, 16)
+    reasoning = config.num_hidden_layers - 1 - 1
+    saved = plan_flops(config, 16, 1, 1, plan) - plan_flops(config, 16, 1, 1, plan, weights_train=False)
+    assert saved == pytest.approx(layer * (reasoning * sum(plan.grad_mask()) + 1 * len(plan.supervised)))
+    first = rds_step_flops(config, 16, 1, 1, (2, 4), (2, 2), samples=200, supervise_first=True)
+    assert first != rds_step_flops(config, 16, 1, 1, (2, 4), (2, 2), samples=200)

@@ -56,24 +56,28 @@ def dense_step_flops(config, seq_len: int, frozen_front_layers: int = 0, gradien
 
 def rds_step_flops(config, seq_len: int, encoder: int, decoder: int, horizon: tuple[int, int],
                    supervised: tuple[int, int], grad_steps: int = 1, gradient_checkpointing: bool = False,
-                   samples: int = 4000, head_trains: bool = False) -> float:
+                   samples: int = 4000, head_trains: bool = False, supervise_first: bool = False,
+                   weights_train: bool = True) -> float:
     """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plan distribution."""
     generator = torch.Generator().manual_seed(0)
     total = 0.0
     for _ in range(samples):
-        plan = sample_plan(generator, *horizon, *supervised, grad_steps)
-        total += plan_flops(config, seq_len, encoder, decoder, plan, gradient_checkpointing, head_trains)
+        plan = sample_plan(generator, *horizon, *supervised, grad_steps, supervise_first=supervise_first)
+        total += plan_flops(config, seq_len, encoder, decoder, plan, gradient_checkpointing, head_trains, weights_train)
     return total / samples
 
 
 def plan_flops(config, seq_len: int, encoder: int, decoder: int, plan, gradient_checkpointing: bool = False,
-               head_trains: bool = False) -> float:
-    """FLOPs per token of one RDS step with a given plan (encoder frozen)."""
+               head_trains: bool = False, weights_train: bool = True) -> float:
+    """FLOPs per token of one RDS step with a given plan (encoder frozen). `weights_train=False`: the
+    reasoning and decoder weights are frozen (depth adapters train), so their backward is the input
+    gradient only; the adapters' own low-rank matmuls are left out."""
     layer, head = per_token_costs(config, seq_len)
     reasoning = config.num_hidden_layers - encoder - decoder
+    backward = 2 if weights_train else 1
     with_grad = sum(plan.grad_mask())
     fwd = layer * (encoder + reasoning * plan.horizon)
-    bwd = 2 * layer * reasoning * with_grad + (layer * reasoning * with_grad if gradient_checkpointing else 0)
-    dec = len(plan.supervised) * (layer * decoder * (3 + (1 if gradient_checkpointing else 0))
+    bwd = backward * layer * reasoning * with_grad + (layer * reasoning * with_grad if gradient_checkpointing else 0)
+    dec = len(plan.supervised) * (layer * decoder * (1 + backward + (1 if gradient_checkpointing else 0))
                                   + head * (3 + (1 if head_trains else 0)))
     return fwd + bwd + dec
