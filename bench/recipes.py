@@ -270,8 +270,8 @@ def report(out: Path, plot: Path | None) -> str:
                 continue
             base = curves[("base", corpus)][0][1]
             draw_curves(ax, {arm: [(n, 100 * (p / base - 1)) for n, p in curves[(arm, corpus)]] for arm in scores})
-            ax.set_ylim(-4, 8)
-            ax.set_ylabel("perplexity vs the base (%), clipped to [-4, 8]")
+            ax.set_ylim(-6, 8)
+            ax.set_ylabel("perplexity vs the base (%), clipped to [-6, 8]")
             ax.set_title(f"{corpus}, relative to the base")
         grid[0][0].legend(fontsize=8)
         fig.suptitle("Gemma 3 270M, equal training tokens: perplexity vs loop count")
@@ -282,13 +282,16 @@ def report(out: Path, plot: Path | None) -> str:
 
 
 def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
-    """One line per looped arm against loop count; an unlooped arm is a dashed level."""
+    """One line per looped arm against loop count; an unlooped arm is a level line. Arms on spread rows
+    (`rows_per_doc`) are drawn dotted (unlooped) or dashed (looped), beside their whole-document twins."""
     for arm, points in curves.items():
+        spread = ARMS[arm][1].get("rows_per_doc") is not None
         if len(points) == 1:
-            ax.axhline(points[0][1], linestyle="--", label=f"{arm} (unlooped)",
+            ax.axhline(points[0][1], linestyle=":" if spread else "--", label=f"{arm} (unlooped)",
                        color="black" if arm == "base" else "gray")
         else:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm,
+                    linestyle="--" if spread else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
     ax.set_xlabel("loops")
