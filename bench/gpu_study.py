@@ -1,8 +1,7 @@
 """Issue 11, item 7: the study's winner (depth_only) and dense on one GPU, bf16, at GPU scale.
 
 The arms (`--arms`, bench/recipes.py's) train on the same packed rows in the same order (built once
-and handed to every trainer),
-with bench/recipes.py's settings except for the scale: rows of 1024 tokens, batch 16, bf16 autocast,
+and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024 tokens, batch 16, bf16 autocast,
 10% warm-up. Device time is lent by the minute, so a short probe of each arm first measures its
 tokens/s, and every arm then trains on the same number of tokens: as many as fit `--train-minutes`
 together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens
@@ -42,7 +41,7 @@ def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int):
     return TrainConfig(**settings)
 
 
-def step_flops(arm: str, cfg, base_config) -> float:
+def step_flops(cfg, base_config) -> float:
     """Matmul FLOPs per training token of the arm's step (recipes' split, encoder frozen)."""
     from loopus.train.flops import dense_step_flops, rds_step_flops
 
@@ -85,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = args.arms.split(",")
     if unknown := sorted(set(arms) - set(ARMS) | ({"base"} & set(arms))):
         p.error(f"cannot train arms {unknown}; choose from {', '.join(a for a in ARMS if a != 'base')}")
+    # one set of rows for every arm: arms that read different rows (rows_per_doc) cannot share it
+    rows_per_doc = {ARMS[a][1].get("rows_per_doc") for a in arms}
+    if len(rows_per_doc) > 1:
+        p.error(f"arms {arms} read different rows (rows_per_doc {sorted(rows_per_doc, key=str)}): run them separately")
 
     from loopus.train.data import build_data
     from loopus.zoo import load_base
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     base, tokenizer = load_base(COMMON["model"])
     rows = args.max_tokens // args.seq_len
-    data = build_data(tokenizer, COMMON["corpus"], args.data, args.seq_len, rows, 1, COMMON["seed"])
+    data = build_data(tokenizer, COMMON["corpus"], args.data, args.seq_len, rows, 1, COMMON["seed"],
+                      rows_per_doc=rows_per_doc.pop())
     summary: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "data_s": time.time() - started, "mix": data.mix, "arms": {}}
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = arm_config(arm, out / arm, args, tokens)
         trainer = Trainer(cfg, model=copy.deepcopy(base), tokenizer=tokenizer, data=data)
         history = trainer.train()
-        flops = step_flops(arm, trainer.cfg, base.config)
+        flops = step_flops(trainer.cfg, base.config)
         rate = history["throughput"]["tokens_per_s"]
         entry = {"probe_tokens_per_s": rates[arm], "tokens": trainer.tokens, "steps": trainer.step,
                  "train_s": history["throughput"]["seconds"], "tokens_per_s": rate, "flops_per_token": flops,
