@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
     args = p.parse_args(argv)
     arms = args.arms.split(",")
-    if unknown := sorted(set(arms) - set(ARMS) | ({"base"} & set(arms))):
-        p.error(f"cannot train arms {unknown}; choose from {', '.join(a for a in ARMS if a != 'base')}")
+    one_stage = [a for a in ARMS if a != "base" and "init_from" not in ARMS[a][1]]
+    if unknown := sorted(set(arms) - set(one_stage)):
+        p.error(f"cannot train arms {unknown} here (base and the two-stage arms); choose from {', '.join(one_stage)}")
     # one set of rows for every arm: arms that read different rows (rows_per_doc) cannot share it
     rows_per_doc = {ARMS[a][1].get("rows_per_doc") for a in arms}
     if len(rows_per_doc) > 1:

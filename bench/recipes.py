@@ -90,6 +90,12 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                           "come from fitting 16 documents?", {**DEPTH_ONLY, "rows_per_doc": 2}),
     "fp_depth_spread": ("fp_depth on the spread rows: the shared weights take dense's gain, do the depth "
                         "adapters add loop gains on top?", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2}),
+    # two-stage arms: a second pass over the same spread rows, starting from dense_spread's weights
+    "dense_spread_x2": ("dense_spread trained a second time on the same rows (the compute control for "
+                        "depth_on_dense)", {"mode": "dense", "rows_per_doc": 2, "init_from": "dense_spread"}),
+    "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
+                       "exactly dense_spread; do the adapters add loop gains to a trained base?",
+                       {**DEPTH_ONLY, "rows_per_doc": 2, "init_from": "dense_spread"}),
 }
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
@@ -110,7 +116,14 @@ def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> 
     if arm == "base" or trained(out, arm):
         print(f"[{arm}] trained already" if arm != "base" else "[base] nothing to train")
         return
-    settings = {**COMMON, **ARMS[arm][1], "out": str(arm_dir(out, arm)), "data": data}
+    overrides = dict(ARMS[arm][1])
+    parent = overrides.pop("init_from", None)
+    settings = {**COMMON, **overrides, "out": str(arm_dir(out, arm)), "data": data}
+    if parent is not None:
+        if not trained(out, parent):
+            raise SystemExit(f"[{arm}] starts from arm {parent!r}, which is not trained under {out}: "
+                             f"run `python bench/recipes.py train {parent}` first")
+        settings["model"] = str(arm_dir(out, parent))
     if max_tokens is not None:
         settings["max_tokens"] = max_tokens
     settings["resume"] = latest_checkpoint(settings["out"]) is not None
@@ -202,9 +215,11 @@ def paired_difference(arm_windows: list, ref_windows: list) -> tuple[float, floa
 
 
 def dense_reference(arm: str) -> str:
-    """The dense arm trained on the same rows as `arm` (dense_spread for the spread arms)."""
-    rows = ARMS[arm][1].get("rows_per_doc")
-    return next(name for name, (_, o) in ARMS.items() if o.get("mode") == "dense" and o.get("rows_per_doc") == rows)
+    """The dense arm trained on the same rows from the same start as `arm` (dense_spread for the spread
+    arms, dense_spread_x2 for the arms that start from dense_spread)."""
+    rows, parent = ARMS[arm][1].get("rows_per_doc"), ARMS[arm][1].get("init_from")
+    return next(name for name, (_, o) in ARMS.items()
+                if o.get("mode") == "dense" and o.get("rows_per_doc") == rows and o.get("init_from") == parent)
 
 
 def report(out: Path, plot: Path | None) -> str:
