@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import loopus
 from loopus.train import TrainConfig, Trainer
-from loopus.train.config import DEPTH_ADAPTER_RECIPE, FULL_WEIGHT_FREEZE
+from loopus.train.config import DEFAULT_DEPTH_LORA_RANK, FROZEN_BASE_FREEZE, FULL_WEIGHT_FREEZE
 from loopus.train.objective import RDSPlan, rds_step
 from conftest import char_tokenizer, tiny_base
 from test_train_helpers import write_corpus
@@ -86,36 +86,51 @@ def test_depth_adapters_refuse_a_second_set():
         model.add_depth_adapters(8)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_the_default_recipe_keeps_one_loop_exactly_the_base_after_training(tmp_path, family):
-    """The default recipe trains depth-wise adapters, gate and head only (nothing about it is set here)."""
+def train_tiny(tmp_path, family: str, **options) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny converted model trained 8 steps with `options` over the defaults; (trained model, 3-loop logits before)."""
     write_corpus(tmp_path / "data")
     cfg = TrainConfig(model="unused", out=str(tmp_path / "run"), data=str(tmp_path / "data"), corpus=["tiny"],
                       seq_len=16, batch_size=2, max_steps=8, lr=1e-2, horizon_min=2, horizon_max=3,
-                      eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False)
-    assert cfg.depth_lora_rank == DEPTH_ADAPTER_RECIPE["depth_lora_rank"] > 0
+                      eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False, **options)
+    assert cfg.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK > 0
     model = loopus.convert(tiny_base(family).train(), 2, 1, gate_init=0.1)
     before = logits(model, 3)
     Trainer(cfg, model=model, tokenizer=char_tokenizer()).train()
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
     assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if "lora_B" in n)
+    return trained, before
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_depth_adapters_on_a_frozen_base_keep_one_loop_exactly_the_base_after_training(tmp_path, family):
+    """The frozen-base option (FROZEN_BASE_FREEZE): depth-wise adapters, gate and head train, nothing else."""
+    trained, before = train_tiny(tmp_path, family, freeze=FROZEN_BASE_FREEZE)
     assert torch.equal(logits(trained, 1), tiny_base(family)(IDS).logits.detach())
     assert (logits(trained, 3) - before).abs().max() > 1e-4
 
 
-def test_the_default_recipe_falls_back_to_full_weights_where_depth_adapters_cannot_run():
-    adapters = TrainConfig(max_steps=1)
-    assert adapters.depth_lora_rank == 16 and set(adapters.freeze) == {"embeddings", "encoder", "reasoning",
-                                                                        "decoder", "head"}
+def test_the_default_recipe_trains_the_shared_weights_and_the_depth_adapters(tmp_path):
+    """The default (nothing about the recipe set here): the layers from the encoder's end on train too, so
+    one loop moves like the dense baseline, while the frozen encoder layers keep their weights."""
+    trained, _ = train_tiny(tmp_path, "llama")
+    base = tiny_base("llama")
+    assert (logits(trained, 1) - base(IDS).logits.detach()).abs().max() > 1e-4
+    assert torch.equal(trained.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(trained.layers[-1].mlp.down_proj.weight, base.model.layers[-1].mlp.down_proj.weight)
+
+
+def test_the_default_recipe_drops_depth_adapters_where_they_cannot_run():
+    default = TrainConfig(max_steps=1)
+    assert default.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK and default.freeze == FULL_WEIGHT_FREEZE
     for options in ({"mode": "dense"}, {"lora_rank": 4}, {"fsdp": True}, {"gradient_checkpointing": True},
                     {"depth_lora_rank": 0}):
         full = TrainConfig(max_steps=1, **options)
         assert full.depth_lora_rank == 0 and full.freeze == FULL_WEIGHT_FREEZE, options
-    # what is given is kept: explicit adapters with trainable shared weights (the study's fp_depth arm)
-    mixed = TrainConfig(max_steps=1, depth_lora_rank=4, freeze=["embeddings", "encoder"])
-    assert mixed.depth_lora_rank == 4 and mixed.freeze == ["embeddings", "encoder"]
+    # what is given is kept: adapters on a frozen base (the study's depth_only arm)
+    frozen = TrainConfig(max_steps=1, depth_lora_rank=4, freeze=FROZEN_BASE_FREEZE)
+    assert frozen.depth_lora_rank == 4 and frozen.freeze == FROZEN_BASE_FREEZE
     # resolving is idempotent: a saved config reads back as the same run
-    assert TrainConfig.from_dict(adapters.to_dict()) == adapters
+    assert TrainConfig.from_dict(default.to_dict()) == default
 
 
 def test_depth_adapter_training_options_are_checked():

@@ -27,11 +27,11 @@ from ..config import CALIBRATION_TOKENS
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "analyze_tokens": CALIBRATION_TOKENS,
-        # the study's mix and recipe (TrainConfig defaults), 20k tokens: enough to show that nothing is
-        # lost; gains need the study's budget or more (docs/RESULTS.md, issue 11). 2 loops are where the
-        # study's winner gains; 4 show what deeper loops do at this budget
+        # the study's mix and recipe (TrainConfig defaults), 20k tokens, at most 2 rows per document (80
+        # documents instead of about 4; docs/RESULTS.md, issue 11, "Spread rows"). Loops 2 and 4 show
+        # what extra loops do after a short run
         "train": {"max_steps": 40, "seq_len": 128, "batch_size": 4, "corpus": ["enwiki", "eltec_eng"],
-                  "eval_loops": [1, 2, 4], "val_tokens": 1024},
+                  "rows_per_doc": 2, "eval_loops": [1, 2, 4], "val_tokens": 1024},
         "tasks": ["arc_easy", "lambada_openai"],
         "limit": 15,
         "loops": [1, 2, 4],

@@ -38,13 +38,13 @@ FLAGS: dict[str, tuple[object, str]] = {
     "decoder_layers": (int, "split for a plain base model: layers run once after the loop"),
     "gate_rank": (int, "gate bottleneck when converting"),
     "gate_init": (float, "gate mixing share at init when converting"),
-    "freeze": (_strings, f"comma list of frozen parts ({', '.join(FREEZABLE)}) or none (default: every base "
-                         "weight with depth adapters, else embeddings,encoder)"),
+    "freeze": (_strings, f"comma list of frozen parts ({', '.join(FREEZABLE)}) or none (default: "
+                         "embeddings,encoder; embeddings,encoder,reasoning,decoder,head keeps one loop the base)"),
     "lora_rank": (int, "> 0: train LoRA adapters (PEFT) of this rank instead of full weights"),
     "lora_alpha": (float, "LoRA alpha"),
     "lora_dropout": (float, "LoRA dropout"),
-    "depth_lora_rank": (int, "> 0: depth-wise LoRA adapters (PEFT) on the reasoning block, active from loop 2 on, "
-                             "so one loop stays the base model (default 16 where they can run; 0: full weights)"),
+    "depth_lora_rank": (int, "> 0: depth-wise LoRA adapters (PEFT) on the reasoning block, active from loop 2 on "
+                             "(default 16 where they can run; 0: none)"),
     "depth_lora_alpha": (float, "LoRA alpha of the depth-wise adapters"),
     "gradient_checkpointing": (_bool, "recompute decoder layers in the backward (true/false)"),
     "precision": (str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
