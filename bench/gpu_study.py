@@ -1,12 +1,15 @@
-"""Issue 11, item 7: the study's winner (depth_only) and dense on one GPU, bf16, at GPU scale.
+"""Issue 11, item 7: the default recipe (fp_depth: full weights plus depth adapters) and dense on one GPU,
+bf16, at GPU scale.
 
 The arms (`--arms`, bench/recipes.py's) train on the same packed rows in the same order (built once
 and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024 tokens, batch 16, bf16 autocast,
 10% warm-up. Device time is lent by the minute, so a short probe of each arm first measures its
 tokens/s, and every arm then trains on the same number of tokens: as many as fit `--train-minutes`
 together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens
-per corpus, loops 1/2/4/8 for depth_only), and OUT/summary.json records tokens/s and model-FLOPs
+per corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records tokens/s and model-FLOPs
 utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over the GPU's bf16 peak).
+The default arms read whole documents: 20M tokens read thousands of them, and the spread arms'
+2 rows per document would cap a run at the corpora's 16k rows.
 
     LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study   # the GPU run: ~8 min
     python bench/gpu_study.py --out runs/gpu_smoke --max-tokens 1024 --seq-len 64 --batch-size 2 \\
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
     p.add_argument("--probe-steps", type=int, default=6)
-    p.add_argument("--arms", default="dense,depth_only", help="bench/recipes.py arms, comma-separated")
+    p.add_argument("--arms", default="dense,fp_depth", help="bench/recipes.py arms, comma-separated")
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
     args = p.parse_args(argv)
     arms = args.arms.split(",")
