@@ -90,6 +90,7 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                           "come from fitting 16 documents?", {**DEPTH_ONLY, "rows_per_doc": 2}),
     "fp_depth_spread": ("fp_depth on the spread rows: the shared weights take dense's gain, do the depth "
                         "adapters add loop gains on top?", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2}),
+    "fp_spread": ("fp on the spread rows: does the default need its depth adapters?", {**FP, "rows_per_doc": 2}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",
