@@ -2,8 +2,8 @@
 bf16, at GPU scale.
 
 The arms (`--arms`, bench/recipes.py's) train on the same packed rows in the same order (built once
-and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024 tokens, batch 16, bf16 autocast,
-10% warm-up. Device time is lent by the minute, so a short probe of each arm first measures its
+and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024
+tokens, batch 16, bf16 autocast, 10% warm-up. Device time is lent by the minute, so a short probe of each arm first measures its
 tokens/s, and every arm then trains on the same number of tokens: as many as fit `--train-minutes`
 together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens
 per corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records tokens/s and model-FLOPs
