@@ -22,9 +22,9 @@ DRIFT_TESTS ?= tests/test_convert.py tests/test_checkpoint.py tests/test_cache.p
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
+	$(VENV)/bin/pip install --quiet --no-cache-dir "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install --quiet --no-cache-dir -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,9 +39,9 @@ test: install
 # resolves today (torch stays TORCH_SPEC, so no CUDA build is pulled in).
 test-newest:
 	$(PYTHON) -m venv --clear $(NEWEST_VENV)
-	$(NEWEST_VENV)/bin/pip install --quiet --upgrade pip
-	$(NEWEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(NEWEST_VENV)/bin/pip install --quiet -e ".[dev]"
+	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
+	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir "$(TORCH_SPEC)"
+	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir -e ".[dev]"
 	$(NEWEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|lm.eval|safetensors|tokenizers) '
 	$(NEWEST_VENV)/bin/python -m pytest -q $(DRIFT_TESTS)
 

@@ -11,7 +11,8 @@ utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over th
 The default arms read whole documents: 20M tokens read thousands of them, and the spread arms'
 2 rows per document would cap a run at the corpora's 16k rows.
 
-    LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study   # the GPU run: ~8 min
+    LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study --train-minutes 6.5
+        # the GPU run: 7.4 min on one H200, 7.55M tokens per arm (docs/RESULTS.md)
     python bench/gpu_study.py --out runs/gpu_smoke --max-tokens 1024 --seq-len 64 --batch-size 2 \\
         --probe-steps 2 --train-minutes 0.5 --score-tokens 128                     # CPU check of the script
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import shutil
 import statistics
@@ -61,6 +63,7 @@ def probe(arm: str, out: Path, args: argparse.Namespace, base, tokenizer, data) 
     from loopus.train import Trainer
 
     times: list[float] = []
+    shutil.rmtree(out / f"probe-{arm}", ignore_errors=True)
     steps_tokens = args.probe_steps * args.seq_len * args.batch_size
     trainer = Trainer(arm_config(arm, out / f"probe-{arm}", args, steps_tokens), model=copy.deepcopy(base),
                       tokenizer=tokenizer, data=data,
@@ -69,6 +72,22 @@ def probe(arm: str, out: Path, args: argparse.Namespace, base, tokenizer, data) 
     shutil.rmtree(out / f"probe-{arm}")
     seconds = statistics.median(times[1:] or times)
     return args.seq_len * args.batch_size / seconds
+
+
+def probe_all(arms: list[str], out: Path, args: argparse.Namespace, base, tokenizer, data) -> dict[str, float]:
+    """Every arm's tokens/s at one batch size: halved for all arms while an arm runs out of GPU memory,
+    so that a device run that is lent by the minute still trains instead of ending in a traceback."""
+    while True:
+        try:
+            return {arm: probe(arm, out, args, base, tokenizer, data) for arm in arms}
+        except torch.cuda.OutOfMemoryError:
+            if args.batch_size == 1:
+                raise
+        # outside the except block, so the failed step's tensors are no longer held by its traceback
+        args.batch_size //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"out of GPU memory: every arm now trains at batch size {args.batch_size}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "data_s": time.time() - started, "mix": data.mix, "arms": {}}
-    rates = {arm: probe(arm, out, args, base, tokenizer, data) for arm in arms}
+    rates = probe_all(arms, out, args, base, tokenizer, data)
     # equal tokens for every arm: the sum over arms of N / tokens_per_s is the training time
     affordable = args.train_minutes * 60 / sum(1 / r for r in rates.values())
     batch_tokens = args.seq_len * args.batch_size
