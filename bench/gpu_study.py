@@ -41,7 +41,7 @@ def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int):
     steps = max(1, max_tokens // (args.seq_len * args.batch_size))
     settings = {**COMMON, **ARMS[arm][1], "out": str(out), "data": args.data, "seq_len": args.seq_len,
                 "batch_size": args.batch_size, "max_tokens": None, "max_steps": steps,
-                "warmup_steps": max(1, steps // 10), "precision": args.precision, "save_every": 0,
+                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": args.ce_chunk, "save_every": 0,
                 "eval_at_start": False, "eval_at_end": False, "progress": True}
     return TrainConfig(**settings)
 
@@ -91,6 +91,8 @@ def probe_all(arms: list[str], out: Path, args: argparse.Namespace, base, tokeni
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loopus.train import TrainConfig, Trainer
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpu_study")
     p.add_argument("--data", default=None, help="data directory (default $LOOPUS_DATA)")
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
+    p.add_argument("--ce-chunk", type=int, default=TrainConfig.ce_chunk,
+                   help="positions per cross-entropy chunk (the default caps memory on a CPU; a GPU holds far more)")
     p.add_argument("--probe-steps", type=int, default=6)
     p.add_argument("--arms", default="dense,fp_depth", help="bench/recipes.py arms, comma-separated")
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
@@ -133,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     tokens = max(1, int(min(args.max_tokens, affordable)) // batch_tokens) * batch_tokens
     summary["tokens_per_arm"] = tokens
     peak = peak_flops()
-    from loopus.train import Trainer
-
     for arm in arms:
         cfg = arm_config(arm, out / arm, args, tokens)
         trainer = Trainer(cfg, model=copy.deepcopy(base), tokenizer=tokenizer, data=data)
