@@ -90,6 +90,44 @@ def probe_all(arms: list[str], out: Path, args: argparse.Namespace, base, tokeni
         print(f"out of GPU memory: every arm now trains at batch size {args.batch_size}", flush=True)
 
 
+def moving_mean(values: list[float], width: int) -> list[float]:
+    """Trailing mean over `width` steps: one training batch's loss is too noisy to read a 0.01-nat trend."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + 1] - sums[max(0, i + 1 - width)]) / (i + 1 - max(0, i + 1 - width)) for i in range(len(values))]
+
+
+def plot_training(out: Path, arms: list[str], path: Path, width: int = 25) -> Path:
+    """Left: each arm's loss at loop 1 against training tokens. Right: for looped arms, the deepest
+    supervised loop's loss minus loop 1's on the same batch (below zero: the extra loops help)."""
+    from loopus.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, arm in enumerate(arms):
+        steps = [json.loads(line) for line in (out / arm / "logs" / "train.jsonl").read_text().splitlines()]
+        steps = [r for r in steps if "lm" in r]
+        tokens = [r["tokens"] / 1e6 for r in steps]
+        deepest = [max((int(k[3:]) for k in r if k.startswith("lm@")), default=1) for r in steps]
+        looped = max(deepest) > 1
+        # unlooped arms dashed and on top, so an arm that tracks dense exactly stays visible under it
+        style = {"color": f"C{i}", "linestyle": "-" if looped else "--", "zorder": 2 if looped else 3}
+        left.plot(tokens, moving_mean([r.get("lm@1", r["lm"]) for r in steps], width), label=arm, **style)
+        if looped:
+            gap = [r[f"lm@{t}"] - r["lm@1"] for r, t in zip(steps, deepest)]
+            right.plot(tokens, moving_mean(gap, width), label=arm, **style)
+    left.set(xlabel="training tokens (M)", ylabel=f"training loss at loop 1 (nats, mean of {width} steps)",
+             title="loss at one loop")
+    right.axhline(0.0, color="gray", linewidth=0.8)
+    right.set(xlabel="training tokens (M)", ylabel="loss at the deepest supervised loop - loop 1 (nats)",
+              title="what the extra loops add (below 0: they help)")
+    left.legend()
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from loopus.train import TrainConfig, Trainer
 
@@ -106,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-steps", type=int, default=6)
     p.add_argument("--arms", default="dense,fp_depth", help="bench/recipes.py arms, comma-separated")
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
+    p.add_argument("--plot-from", default=None, metavar="DIR",
+                   help="only draw DIR/training.png from a finished run's logs (DIR/ARM/logs/train.jsonl)")
     args = p.parse_args(argv)
+    if args.plot_from is not None:
+        run = Path(args.plot_from)
+        print(plot_training(run, list(json.loads((run / "summary.json").read_text())["arms"]), run / "training.png"))
+        return 0
     arms = args.arms.split(",")
     one_stage = [a for a in ARMS if a != "base" and "init_from" not in ARMS[a][1]]
     if unknown := sorted(set(arms) - set(one_stage)):
@@ -153,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"[{arm}] {entry['tokens']} tokens, {rate:.0f} tok/s, MFU "
               + (f"{entry['mfu']:.3f}" if peak else "n/a (no GPU peak known)"), flush=True)
+    print(f"training curves: {plot_training(out, arms, out / 'training.png')}", flush=True)
     return 0
 
 
