@@ -94,7 +94,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     # the dense lr sweep on the spread rows (dense_spread is its 2e-5 point)
     "dense_spread_lr6e-5": ("dense_spread at 3x the lr (6e-5): does the dense baseline gain more at a higher lr?",
                             {"mode": "dense", "rows_per_doc": 2, "lr": 6e-5}),
-    "dense_spread_lr2e-4": ("dense_spread at 10x the lr (2e-4)", {"mode": "dense", "rows_per_doc": 2, "lr": 2e-4}),
+    "dense_spread_lr7e-6": ("dense_spread at a third of the lr (7e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 7e-6}),
+    "dense_spread_lr2e-6": ("dense_spread at a tenth of the lr (2e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 2e-6}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",
