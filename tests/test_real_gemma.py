@@ -93,3 +93,37 @@ def test_depth_adapters_leave_one_loop_exactly_the_base(gemma):
         two_after = model(**batch, num_loops=2, use_cache=False).logits
     mask = batch["attention_mask"].bool()
     assert (two_after - two_before)[mask].abs().max() > 1e-2
+
+
+def test_the_embedded_tokenizer_starts_every_sequence_with_bos(gemma):
+    # the GGUF says add_bos_token; transformers' conversion drops it and Gemma is lost without its BOS
+    _, tokenizer = gemma
+    ids = tokenizer(PROMPTS)["input_ids"]
+    assert all(row[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in row[1:] for row in ids)
+    assert tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
+
+
+def test_an_old_cache_without_the_bos_tokenizer_is_rebuilt(gemma, tmp_path, monkeypatch):
+    import shutil
+
+    from loopus import zoo
+
+    # a cache from before the stamp: the current one without its stamp, and a tokenizer that adds no BOS
+    old = tmp_path / "base" / "gemma-3-270m"
+    shutil.copytree(zoo._embedded_checkpoint("gemma-3-270m"), old)
+    (old / zoo.CACHE_STAMP).unlink()
+    gemma[1].add_bos_token = False
+    gemma[1].save_pretrained(old)
+    gemma[1].add_bos_token = True
+    monkeypatch.setenv("LOOPUS_CACHE", str(tmp_path))
+    assert zoo._embedded_checkpoint("gemma-3-270m") == old and zoo._cache_format(old) == zoo.CACHE_FORMAT
+    _, tokenizer = zoo.load_base("gemma-3-270m")
+    assert tokenizer("Hi")["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_lm_eval_hf_scores_the_real_gemma_in_its_regime(data_dir):
+    # lm-eval's HFLM relies on the tokenizer's own BOS: without it LAMBADA perplexity was in the thousands
+    from loopus.eval.harness import evaluate_hf
+
+    result = evaluate_hf("gemma-3-270m", ["lambada_openai"], limit=10)
+    assert result["lambada_openai"]["perplexity"] < 60

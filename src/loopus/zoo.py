@@ -9,6 +9,7 @@ Any local Hugging Face checkpoint directory, or a hub id where a hub is reachabl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,10 +30,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOOPUS_CACHE", Path.home() / ".cache" / "loopus"))
 
 
+# The version of what `_embedded_checkpoint` writes; a cache of another version is rebuilt.
+# 2: the tokenizer adds BOS as the GGUF says (version 1 caches carry a tokenizer that adds none).
+CACHE_FORMAT = 2
+CACHE_STAMP = "loopus_cache.json"
+
+
+def _cache_format(target: Path) -> int | None:
+    try:
+        return json.loads((target / CACHE_STAMP).read_text())["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _gguf_adds_bos(gguf_path: Path) -> bool:
+    """The GGUF's own `tokenizer.ggml.add_bos_token` (transformers' GGUF tokenizer conversion drops it)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.contents())
+
+
 def _embedded_checkpoint(name: str) -> Path:
     """Directory of the safetensors checkpoint for an embedded model, built on first use."""
     target = cache_dir() / "base" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    ready = (target / "config.json").exists() and (target / "model.safetensors").exists()
+    if ready and _cache_format(target) == CACHE_FORMAT:
         return target
     try:
         package = __import__(EMBEDDED[name])
@@ -44,6 +67,9 @@ def _embedded_checkpoint(name: str) -> Path:
     gguf_path = Path(package.assemble())
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # Gemma needs its BOS: without it held-out perplexity is 7x worse, and callers that rely on the
+    # tokenizer's own special tokens (lm-eval's HFLM, generation from a prompt) would go without it.
+    tokenizer.add_bos_token = _gguf_adds_bos(gguf_path)
     # A GGUF-loaded model carries a quantization config and refuses save_pretrained: rebuild it clean.
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -56,6 +82,7 @@ def _embedded_checkpoint(name: str) -> Path:
     try:
         clean.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / CACHE_STAMP).write_text(json.dumps({"format": CACHE_FORMAT, "source": gguf_path.name}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
