@@ -41,8 +41,8 @@ def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int):
     steps = max(1, max_tokens // (args.seq_len * args.batch_size))
     settings = {**COMMON, **ARMS[arm][1], "out": str(out), "data": args.data, "seq_len": args.seq_len,
                 "batch_size": args.batch_size, "max_tokens": None, "max_steps": steps,
-                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": args.ce_chunk, "save_every": 0,
-                "eval_at_start": False, "eval_at_end": False, "progress": True}
+                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": args.ce_chunk,
+                "save_every": 0, "eval_at_start": False, "eval_at_end": False, "progress": True}
     return TrainConfig(**settings)
 
 

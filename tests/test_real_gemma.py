@@ -112,9 +112,9 @@ def test_an_old_cache_without_the_bos_tokenizer_is_rebuilt(gemma, tmp_path, monk
     old = tmp_path / "base" / "gemma-3-270m"
     shutil.copytree(zoo._embedded_checkpoint("gemma-3-270m"), old)
     (old / zoo.CACHE_STAMP).unlink()
-    gemma[1].add_bos_token = False
-    gemma[1].save_pretrained(old)
-    gemma[1].add_bos_token = True
+    old_tokenizer = copy.deepcopy(gemma[1])  # a copy: the session's tokenizer stays as it is
+    old_tokenizer.add_bos_token = False
+    old_tokenizer.save_pretrained(old)
     monkeypatch.setenv("LOOPUS_CACHE", str(tmp_path))
     assert zoo._embedded_checkpoint("gemma-3-270m") == old and zoo._cache_format(old) == zoo.CACHE_FORMAT
     _, tokenizer = zoo.load_base("gemma-3-270m")
