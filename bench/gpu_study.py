@@ -3,17 +3,20 @@ bf16, at GPU scale.
 
 The arms (`--arms`, bench/recipes.py's) train on the same packed rows in the same order (built once
 and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024
-tokens, batch 16, bf16 autocast, 10% warm-up. Device time is lent by the minute, so a short probe of each arm first measures its
-tokens/s, and every arm then trains on the same number of tokens: as many as fit `--train-minutes`
+tokens, bf16 autocast, 10% warm-up. Device time is lent by the minute, so the script first probes
+throughput settings side by side on every arm (`--settings`: batch size and cross-entropy chunk, a
+few training steps each, with peak GPU memory), picks the one that trains all arms fastest together,
+profiles two steps of each arm there (OUT/profile-ARM.txt, and the share of wall time the GPU spent in
+kernels), and then trains every arm on the same number of tokens: as many as fit `--train-minutes`
 together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens
-per corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records tokens/s and model-FLOPs
-utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over the GPU's bf16 peak).
-The default arms read whole documents: 20M tokens read thousands of them, and the spread arms'
-2 rows per document would cap a run at the corpora's 16k rows.
+per corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records the probes, tokens/s and
+model-FLOPs utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over the GPU's
+bf16 peak). The default arms read whole documents: 20M tokens read thousands of them, and the spread
+arms' 2 rows per document would cap a run at the corpora's 16k rows.
 
-    LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study --train-minutes 6.5
-        # the GPU run: 7.4 min on one H200, 7.55M tokens per arm (docs/RESULTS.md)
-    python bench/gpu_study.py --out runs/gpu_smoke --max-tokens 1024 --seq-len 64 --batch-size 2 \\
+    LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study --train-minutes 7
+        # the GPU run on one H200 (docs/RESULTS.md)
+    python bench/gpu_study.py --out runs/gpu_smoke --max-tokens 1024 --seq-len 64 --settings 2:64,4:16 \\
         --probe-steps 2 --train-minutes 0.5 --score-tokens 128                     # CPU check of the script
 """
 
@@ -23,7 +26,6 @@ import argparse
 import copy
 import gc
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -35,13 +37,15 @@ from recipes import ARMS, COMMON, score_arm  # noqa: E402  (bench/ is the script
 from train_gemma import peak_flops  # noqa: E402
 
 
-def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int):
+def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int, setting: tuple[int, int]):
+    """The arm's TrainConfig at `setting` = (batch size, cross-entropy chunk) for `max_tokens` tokens."""
     from loopus.train import TrainConfig
 
-    steps = max(1, max_tokens // (args.seq_len * args.batch_size))
+    batch_size, ce_chunk = setting
+    steps = max(1, max_tokens // (args.seq_len * batch_size))
     settings = {**COMMON, **ARMS[arm][1], "out": str(out), "data": args.data, "seq_len": args.seq_len,
-                "batch_size": args.batch_size, "max_tokens": None, "max_steps": steps,
-                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": args.ce_chunk,
+                "batch_size": batch_size, "max_tokens": None, "max_steps": steps,
+                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": ce_chunk,
                 "save_every": 0, "eval_at_start": False, "eval_at_end": False, "progress": True}
     return TrainConfig(**settings)
 
@@ -58,36 +62,117 @@ def step_flops(cfg, base_config) -> float:
                           weights_train="reasoning" not in cfg.freeze)
 
 
-def probe(arm: str, out: Path, args: argparse.Namespace, base, tokenizer, data) -> float:
-    """Tokens/s of the arm's training step: the median of the probe's steps after the first."""
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """"16:256,64:4096" -> [(16, 256), (64, 4096)]: (batch size, cross-entropy chunk) pairs."""
+    try:
+        pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"--settings {text!r}: expected BATCH:CE_CHUNK pairs, e.g. 16:256,64:4096")
+    return pairs
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def short_trainer(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int], steps: int,
+                  base, tokenizer, data):
+    """A trainer of the arm at `setting` whose `train_step` is called directly (no checkpoint or final save)."""
     from loopus.train import Trainer
 
-    times: list[float] = []
-    shutil.rmtree(out / f"probe-{arm}", ignore_errors=True)
-    steps_tokens = args.probe_steps * args.seq_len * args.batch_size
-    trainer = Trainer(arm_config(arm, out / f"probe-{arm}", args, steps_tokens), model=copy.deepcopy(base),
-                      tokenizer=tokenizer, data=data,
-                      callbacks=[lambda _t, _s, metrics: times.append(metrics["step_s"])])
-    trainer.train()
-    shutil.rmtree(out / f"probe-{arm}")
-    seconds = statistics.median(times[1:] or times)
-    return args.seq_len * args.batch_size / seconds
+    tokens = steps * args.seq_len * setting[0]
+    return Trainer(arm_config(arm, out / f"probe-{arm}", args, tokens, setting), model=copy.deepcopy(base),
+                   tokenizer=tokenizer, data=data)
 
 
-def probe_all(arms: list[str], out: Path, args: argparse.Namespace, base, tokenizer, data) -> dict[str, float]:
-    """Every arm's tokens/s at one batch size: halved for all arms while an arm runs out of GPU memory,
-    so that a device run that is lent by the minute still trains instead of ending in a traceback."""
-    while True:
-        try:
-            return {arm: probe(arm, out, args, base, tokenizer, data) for arm in arms}
-        except torch.cuda.OutOfMemoryError:
-            if args.batch_size == 1:
-                raise
-        # outside the except block, so the failed step's tensors are no longer held by its traceback
-        args.batch_size //= 2
-        gc.collect()
+def free_memory() -> None:
+    """Return a dropped trainer's GPU memory, so the next probe starts from the same free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        print(f"out of GPU memory: every arm now trains at batch size {args.batch_size}", flush=True)
+
+
+def probe(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int], base, tokenizer, data) -> dict:
+    """Tokens/s of the arm's training step at `setting` (the median over the probe's steps after the first)
+    and the GPU memory it peaked at; `None` for tokens/s where the setting ran out of GPU memory."""
+    trainer = None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer = short_trainer(arm, out, args, setting, args.probe_steps, base, tokenizer, data)
+        times = []
+        for _ in range(args.probe_steps):
+            synchronize()
+            t0 = time.perf_counter()
+            trainer.train_step()
+            synchronize()
+            times.append(time.perf_counter() - t0)
+        rate = args.seq_len * setting[0] / statistics.median(times[1:] or times)
+    except torch.cuda.OutOfMemoryError:
+        rate = None
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    trainer = None
+    free_memory()
+    return {"batch_size": setting[0], "ce_chunk": setting[1], "tokens_per_s": rate, "peak_gib": memory}
+
+
+def probe_settings(arms: list[str], out: Path, args: argparse.Namespace, base, tokenizer,
+                   data) -> tuple[tuple[int, int], list[dict]]:
+    """Every (batch size, CE chunk) setting on every arm, side by side; returns the setting that trains
+    all arms fastest together (the least sum over arms of 1 / tokens/s) and the probe table. Both are
+    throughput knobs only: the arms' recipe is the same at every setting, apart from the batch size."""
+    table = []
+    for setting in args.settings:
+        for arm in arms:
+            row = {"arm": arm, **probe(arm, out, args, setting, base, tokenizer, data)}
+            table.append(row)
+            print(f"probe {arm} batch {setting[0]} ce_chunk {setting[1]}: "
+                  + (f"{row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else "out of GPU memory")
+                  + (f", peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else ""), flush=True)
+            if row["tokens_per_s"] is None:
+                break
+    cost = {}
+    for setting in args.settings:
+        rates = [r["tokens_per_s"] for r in table if (r["batch_size"], r["ce_chunk"]) == setting]
+        if len(rates) == len(arms) and all(rates):
+            cost[setting] = sum(1 / r for r in rates)
+    if not cost:
+        raise SystemExit(f"every setting in --settings ran out of GPU memory: {table}")
+    return min(cost, key=cost.get), table
+
+
+def profile(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int], base, tokenizer, data) -> dict:
+    """torch.profiler over 2 training steps (after one warm-up step): the top operators by self time go
+    to OUT/profile-ARM.txt, and the share of the steps' wall time the GPU spent in kernels (well below 1:
+    the host does not keep the GPU fed) goes to the summary."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    trainer = short_trainer(arm, out, args, setting, 3, base, tokenizer, data)
+    trainer.train_step()
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(2):
+            trainer.train_step()
+        synchronize()
+        wall = time.perf_counter() - t0
+    trainer = None
+    free_memory()
+    averages = prof.key_averages()
+    # kernels only (as the profiler's own table totals them): CPU operators report their kernels' time too
+    device_us = sum(e.self_device_time_total for e in averages
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    tables = [averages.table(sort_by=key, row_limit=30) for key in
+              (["self_device_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]]
+    (out / f"profile-{arm}.txt").write_text(f"{arm}, batch {setting[0]}, ce_chunk {setting[1]}: 2 steps, "
+                                            f"{wall:.3f} s wall\n\n" + "\n\n".join(tables))
+    busy = device_us / 1e6 / wall if torch.cuda.is_available() else None
+    return {"steps": 2, "wall_s": wall, "gpu_kernel_s": device_us / 1e6, "gpu_busy": busy}
 
 
 def moving_mean(values: list[float], width: int) -> list[float]:
@@ -129,7 +214,7 @@ def plot_training(out: Path, arms: list[str], path: Path, width: int = 25) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopus.train import TrainConfig, Trainer
+    from loopus.train import Trainer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpu_study")
@@ -137,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=20_000_000, help="training tokens per arm, at most")
     p.add_argument("--train-minutes", type=float, default=5.0, help="training time of all arms together")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--settings", type=parse_settings, default=parse_settings("16:256,16:4096,32:4096,64:4096"),
+                   help="BATCH:CE_CHUNK pairs to probe; the arms train at the fastest (16:256 is the first "
+                        "GPU run's; CE_CHUNK = positions per cross-entropy chunk)")
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
-    p.add_argument("--ce-chunk", type=int, default=TrainConfig.ce_chunk,
-                   help="positions per cross-entropy chunk (the default caps memory on a CPU; a GPU holds far more)")
-    p.add_argument("--probe-steps", type=int, default=6)
+    p.add_argument("--probe-steps", type=int, default=5)
     p.add_argument("--arms", default="dense,fp_depth", help="bench/recipes.py arms, comma-separated")
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
     p.add_argument("--plot-from", default=None, metavar="DIR",
@@ -174,15 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "data_s": time.time() - started, "mix": data.mix, "arms": {}}
-    rates = probe_all(arms, out, args, base, tokenizer, data)
+    setting, probes = probe_settings(arms, out, args, base, tokenizer, data)
+    rates = {r["arm"]: r["tokens_per_s"] for r in probes if (r["batch_size"], r["ce_chunk"]) == setting}
+    summary.update(probes=probes, setting={"batch_size": setting[0], "ce_chunk": setting[1]})
+    summary["profiles"] = {arm: profile(arm, out, args, setting, base, tokenizer, data) for arm in arms}
+    print(f"training at batch {setting[0]}, ce_chunk {setting[1]}; share of wall time in GPU kernels: "
+          + ", ".join(f"{arm} {v['gpu_busy']:.2f}" if v["gpu_busy"] is not None else f"{arm} n/a"
+                      for arm, v in summary["profiles"].items()), flush=True)
     # equal tokens for every arm: the sum over arms of N / tokens_per_s is the training time
     affordable = args.train_minutes * 60 / sum(1 / r for r in rates.values())
-    batch_tokens = args.seq_len * args.batch_size
+    batch_tokens = args.seq_len * setting[0]
     tokens = max(1, int(min(args.max_tokens, affordable)) // batch_tokens) * batch_tokens
     summary["tokens_per_arm"] = tokens
     peak = peak_flops()
     for arm in arms:
-        cfg = arm_config(arm, out / arm, args, tokens)
+        cfg = arm_config(arm, out / arm, args, tokens, setting)
         trainer = Trainer(cfg, model=copy.deepcopy(base), tokenizer=tokenizer, data=data)
         history = trainer.train()
         flops = step_flops(trainer.cfg, base.config)
@@ -190,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"probe_tokens_per_s": rates[arm], "tokens": trainer.tokens, "steps": trainer.step,
                  "train_s": history["throughput"]["seconds"], "tokens_per_s": rate, "flops_per_token": flops,
                  "achieved_tflops": flops * rate / 1e12, "mfu": flops * rate / peak if peak else None}
-        del trainer
+        trainer = None
+        free_memory()
         entry["scores"] = score_arm(arm, out, args.data, args.score_tokens, device)
         summary["arms"][arm] = entry
         summary["wall_s"] = time.time() - started

@@ -96,6 +96,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                             {"mode": "dense", "rows_per_doc": 2, "lr": 6e-5}),
     "dense_spread_lr7e-6": ("dense_spread at a third of the lr (7e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 7e-6}),
     "dense_spread_lr2e-6": ("dense_spread at a tenth of the lr (2e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 2e-6}),
+    "fp_depth_spread_lr7e-6": ("fp_depth_spread at dense's best lr (7e-6; the gate, head and adapter multipliers "
+                               "unchanged)", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",

@@ -41,7 +41,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     groups = []
     for (decays, kind), params in sorted(buckets.items()):
         groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * mults[kind]})
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=False)
+    # foreach left to torch: the multi-tensor update on a GPU (one launch for many tensors, where a
+    # per-tensor loop is launch-bound for a small model), the per-tensor loop on a CPU
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
