@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -33,6 +34,7 @@ def test_lm_eval_cli_passes_every_flag_through(tiny, small_data, tmp_path):
         "--limit", "2", "--batch_size", "2", "--output_path", str(out), "--log_samples",
     ])
     assert code == 0
+    assert os.environ.get("LOOPUS_DATA") != str(small_data.resolve())  # the command's --data did not leak
     [result_file] = list(out.rglob("results_*.json"))
     results = json.loads(result_file.read_text())
     assert set(results["results"]) == {"winogrande", "openbookqa"}
@@ -43,9 +45,12 @@ def test_lm_eval_cli_passes_every_flag_through(tiny, small_data, tmp_path):
 def test_eval_wrapper_writes_report_and_plots(tiny, small_data, tmp_path):
     _, loop_dir = tiny
     out = tmp_path / "report"
+    before = os.environ.get("LOOPUS_DATA")
     code = main(["eval", str(loop_dir), "--data", str(small_data), "--tasks", "openbookqa", "--limit", "3",
                  "--loops", "1,2", "--out", str(out)])
     assert code == 0
+    # --data points the offline tasks at small_data for the command only, not for what runs after it
+    assert os.environ.get("LOOPUS_DATA") == before
     report = json.loads((out / "report.json").read_text())
     assert set(report["loops"]) == {"1", "2"}
     assert (out / "metric_vs_loops.png").exists() and (out / "compute_vs_quality.png").exists()

@@ -119,3 +119,12 @@ def test_an_old_cache_without_the_bos_tokenizer_is_rebuilt(gemma, tmp_path, monk
     assert zoo._embedded_checkpoint("gemma-3-270m") == old and zoo._cache_format(old) == zoo.CACHE_FORMAT
     _, tokenizer = zoo.load_base("gemma-3-270m")
     assert tokenizer("Hi")["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_lm_eval_hf_scores_the_real_gemma_in_its_regime(data_dir, monkeypatch):
+    # lm-eval's HFLM relies on the tokenizer's own BOS: without it LAMBADA perplexity was in the thousands
+    from loopus.eval.harness import evaluate_hf
+
+    monkeypatch.setenv("LOOPUS_DATA", str(data_dir))
+    result = evaluate_hf("gemma-3-270m", ["lambada_openai"], limit=10)
+    assert result["lambada_openai"]["perplexity"] < 60

@@ -9,6 +9,7 @@ import sys
 
 from . import commands
 from .errors import LoopUSError
+from .paths import restored_data_env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.extra = extra
     try:
-        return int(args.handler(args) or 0)
+        with restored_data_env():
+            return int(args.handler(args) or 0)
     except (LoopUSError, ValueError, FileNotFoundError) as err:
         # Refused input ends in one line naming the problem; anything else is a bug and keeps its traceback.
         _end_progress_bars()
