@@ -146,8 +146,8 @@ def probe_settings(arms: list[str], out: Path, args: argparse.Namespace, base, t
 
 def profile(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int], base, tokenizer, data) -> dict:
     """torch.profiler over 2 training steps (after one warm-up step): the top operators by self time go
-    to OUT/profile-ARM.txt, and the share of the steps' wall time the GPU spent in kernels (well below 1:
-    the host does not keep the GPU fed) goes to the summary."""
+    to OUT/profile-ARM.txt, and the share of the steps' wall time the GPU spent in kernels (near 1: the
+    step is GPU-bound; well below: the host does not keep the GPU fed) goes to the summary."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
