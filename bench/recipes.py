@@ -98,11 +98,18 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense_spread_lr2e-6": ("dense_spread at a tenth of the lr (2e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 2e-6}),
     "fp_depth_spread_lr7e-6": ("fp_depth_spread at dense's best lr (7e-6; the gate, head and adapter multipliers "
                                "unchanged)", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6}),
+    "fp_depth_kl_spread_lr7e-6": ("fp_depth_spread_lr7e-6 + KL(base || loop 1), weight 1: with loop 1 held near "
+                                  "the base, do the depth adapters take the gain in the extra loops?",
+                                  {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6, "kl_base": 1.0}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",
                        {**DEPTH_ONLY, "rows_per_doc": 2, "init_from": "dense_spread"}),
 }
+
+# the study's winner: the package defaults (TrainConfig, `loopus run`'s quick profile) are its recipe, and
+# tests/test_default_recipe.py holds them equal
+DEFAULT_ARM = "fp_depth_spread_lr7e-6"
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
 

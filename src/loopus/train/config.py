@@ -65,10 +65,11 @@ class TrainConfig:
     max_tokens: int | None = None
 
     # optimiser and schedule (all counted in optimiser steps)
-    lr: float = 2e-5
+    lr: float = 7e-6                     # the best of the study's dense sweep, and of the default recipe
+                                         # (docs/RESULTS.md, issue 11, "The default recipe at ... 7e-6")
     new_module_lr_mult: float = 1000.0   # lr multiplier for the new gate and confidence head (a near-
                                          # closed gate barely moves at the base weights' lr)
-    adapter_lr_mult: float = 10.0        # lr multiplier for the depth-wise adapters (the study's 2e-4)
+    adapter_lr_mult: float = 10.0        # lr multiplier for the depth-wise adapters
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
