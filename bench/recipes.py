@@ -101,6 +101,10 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "fp_depth_kl_spread_lr7e-6": ("fp_depth_spread_lr7e-6 + KL(base || loop 1), weight 1: with loop 1 held near "
                                   "the base, do the depth adapters take the gain in the extra loops?",
                                   {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6, "kl_base": 1.0}),
+    "depth_only_bptt_spread": ("depth_only_spread with the gradient through every loop step from 2 to T "
+                               "(grad_steps 4; the default trains step T alone, on a detached state): do loops "
+                               "learn to build on each other, so that 4 beats 2?",
+                               {**DEPTH_ONLY, "rows_per_doc": 2, "grad_steps": 4}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",
@@ -228,9 +232,11 @@ def paired_difference(arm_windows: list, ref_windows: list) -> tuple[float, floa
 
 
 def dense_reference(arm: str) -> str:
-    """The dense arm trained on the same rows as `arm` (dense_spread for the spread arms)."""
-    rows = ARMS[arm][1].get("rows_per_doc")
-    return next(name for name, (_, o) in ARMS.items() if o.get("mode") == "dense" and o.get("rows_per_doc") == rows)
+    """The dense arm trained on the same rows at the same lr as `arm` (dense_spread for the spread arms at
+    the study's lr, dense_spread_lr7e-6 for those at 7e-6)."""
+    rows, lr = ARMS[arm][1].get("rows_per_doc"), ARMS[arm][1].get("lr", COMMON["lr"])
+    return next(name for name, (_, o) in ARMS.items()
+                if o.get("mode") == "dense" and o.get("rows_per_doc") == rows and o.get("lr", COMMON["lr"]) == lr)
 
 
 def report(out: Path, plot: Path | None) -> str:
@@ -240,7 +246,7 @@ def report(out: Path, plot: Path | None) -> str:
     scores = {arm: json.loads((arm_dir(out, arm) / "scores.json").read_text())
               for arm in ARMS if (arm_dir(out, arm) / "scores.json").is_file()}
     lines = ["| arm | loops | " + " | ".join(f"{c} ppl ± se" for c in HELD_OUT)
-             + " | Δ vs dense on the same rows, paired se (" + ", ".join(HELD_OUT) + ") |",
+             + " | Δ vs dense on the same rows at the same lr, paired se (" + ", ".join(HELD_OUT) + ") |",
              "|---|---|" + "---|" * len(HELD_OUT) + "---|"]
     for arm, s in scores.items():
         for n in s["loops"]:
@@ -284,7 +290,7 @@ def report(out: Path, plot: Path | None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, grid = plt.subplots(2, len(HELD_OUT), figsize=(5 * len(HELD_OUT), 8))
+        fig, grid = plt.subplots(2, len(HELD_OUT), figsize=(5 * len(HELD_OUT) + 2.5, 8))
         for ax, corpus in zip(grid[0], HELD_OUT):
             draw_curves(ax, {arm: curves[(arm, corpus)] for arm in scores})
             ax.set_yscale("log")  # one arm can be 10x off: ratios read the same at every height
@@ -296,25 +302,29 @@ def report(out: Path, plot: Path | None) -> str:
                 continue
             base = curves[("base", corpus)][0][1]
             draw_curves(ax, {arm: [(n, 100 * (p / base - 1)) for n, p in curves[(arm, corpus)]] for arm in scores})
-            ax.set_ylim(-6, 8)
-            ax.set_ylabel("perplexity vs the base (%), clipped to [-6, 8]")
+            ax.set_ylim(-7, 8)
+            ax.set_ylabel("perplexity vs the base (%), clipped to [-7, 8]")
             ax.set_title(f"{corpus}, relative to the base")
-        grid[0][0].legend(fontsize=8)
+        fig.legend(*grid[0][0].get_legend_handles_labels(), loc="center right", fontsize=8)
         fig.suptitle("Gemma 3 270M, equal training tokens: perplexity vs loop count")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.86, 1))  # the right margin holds the legend
         plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=110)
     return text
 
 
+UNLOOPED_COLORS = ["black", "dimgray", "darkgoldenrod", "darkslateblue", "darkred", "darkgreen", "darkorange"]
+
+
 def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
     """One line per looped arm against loop count; an unlooped arm is a level line. Arms on spread rows
     (`rows_per_doc`) are drawn dotted (unlooped) or dashed (looped), beside their whole-document twins."""
+    unlooped = [arm for arm, (_, o) in ARMS.items() if o.get("mode") != "loopus"]
     for arm, points in curves.items():
         spread = ARMS[arm][1].get("rows_per_doc") is not None
-        if len(points) == 1:
+        if len(points) == 1:  # level lines in dark colours of their own, told apart from the marked loop curves
             ax.axhline(points[0][1], linestyle=":" if spread else "--", label=f"{arm} (unlooped)",
-                       color="black" if arm == "base" else "gray")
+                       color=UNLOOPED_COLORS[unlooped.index(arm) % len(UNLOOPED_COLORS)])
         else:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm,
                     linestyle="--" if spread else "-")
