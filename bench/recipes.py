@@ -318,7 +318,8 @@ UNLOOPED_COLORS = ["black", "dimgray", "darkgoldenrod", "darkslateblue", "darkre
 
 def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
     """One line per looped arm against loop count; an unlooped arm is a level line. Arms on spread rows
-    (`rows_per_doc`) are drawn dotted (unlooped) or dashed (looped), beside their whole-document twins."""
+    (`rows_per_doc`) are drawn dotted (unlooped) or dashed with square markers (looped), beside their
+    whole-document twins."""
     unlooped = [arm for arm, (_, o) in ARMS.items() if o.get("mode") != "loopus"]
     for arm, points in curves.items():
         spread = ARMS[arm][1].get("rows_per_doc") is not None
@@ -326,7 +327,7 @@ def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
             ax.axhline(points[0][1], linestyle=":" if spread else "--", label=f"{arm} (unlooped)",
                        color=UNLOOPED_COLORS[unlooped.index(arm) % len(UNLOOPED_COLORS)])
         else:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm,
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if spread else "o", label=arm,
                     linestyle="--" if spread else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
