@@ -105,6 +105,13 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                                "(grad_steps 4; the default trains step T alone, on a detached state): do loops "
                                "learn to build on each other, so that 4 beats 2?",
                                {**DEPTH_ONLY, "rows_per_doc": 2, "grad_steps": 4}),
+    "depth_only_perloop_spread": ("depth_only_bptt_spread with an adapter of its own for each of loops 2, 3 and 4 "
+                                  "(depth_lora_count 3; later loops reuse loop 4's): is the shared adapter's "
+                                  "repeated step what makes 4 loops worse than 2?",
+                                  {**DEPTH_ONLY, "rows_per_doc": 2, "grad_steps": 4, "depth_lora_count": 3}),
+    "fp_depth_perloop_spread_lr7e-6": ("the default recipe (fp_depth_spread_lr7e-6) with an adapter of its own for "
+                                       "each of loops 2, 3 and 4: do per-loop adapters make the default's loops pay?",
+                                       {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6, "depth_lora_count": 3}),
     # a two-stage arm: a second pass over the same spread rows, starting from dense_spread's weights
     "depth_on_dense": ("depth_only on top of dense_spread's weights, the same rows again: one loop stays "
                        "exactly dense_spread; do the adapters add loop gains to a trained base?",

@@ -80,6 +80,54 @@ def test_depth_adapters_decode_with_the_cache_as_without(family):
     assert torch.equal(full[0, IDS.shape[1] - 1 :].argmax(-1), out[0, IDS.shape[1] :])
 
 
+def test_per_loop_adapters_give_each_depth_its_own_update(family):
+    """depth_lora_count=2: loop 2 runs adapter `depth`, loops 3 on run `depth_3`; one loop stays the base."""
+    shared = perturbed_adapters(family)
+    per_loop = loopus.convert(tiny_base(family), 2, 1, depth_lora_rank=4, depth_lora_count=2).eval()
+    per_loop.gate.load_state_dict(shared.gate.state_dict())
+    own = {n: p for n, p in per_loop.named_parameters() if ".depth." in n}
+    assert own and all(n.replace(".depth.", ".depth_3.") in dict(per_loop.named_parameters()) for n in own)
+    with torch.no_grad():
+        for n, p in shared.named_parameters():
+            if ".depth." in n:
+                own[n].copy_(p)  # `depth` equal to the shared model's; `depth_3` still zero (B = 0)
+    assert torch.equal(logits(per_loop, 1), tiny_base(family)(IDS).logits.detach())
+    assert torch.equal(logits(per_loop, 2), logits(shared, 2))
+    assert (logits(per_loop, 3) - logits(shared, 3)).abs().max() > 1e-3
+    assert len(per_loop.depth_adapter_parameters()) == 2 * len(shared.depth_adapter_parameters())
+
+
+def test_per_loop_adapters_survive_save_and_load_and_decode_with_the_cache(tmp_path):
+    model = loopus.convert(tiny_base("gemma3_text"), 2, 1, depth_lora_rank=4, depth_lora_count=3).eval()
+    torch.manual_seed(1)
+    for p in model.depth_adapter_parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.depth_lora_count == 3
+    for n in (1, 3, 5):
+        assert torch.equal(logits(loaded, n), logits(model, n))
+    model.generation_config.eos_token_id = None
+    out = model.generate(IDS[:1], max_new_tokens=5, num_loops=4, do_sample=False)
+    with torch.no_grad():
+        full = model(out[:, :-1], num_loops=4, use_cache=False).logits
+    assert torch.equal(full[0, IDS.shape[1] - 1 :].argmax(-1), out[0, IDS.shape[1] :])
+
+
+def test_the_gradient_reaches_every_per_loop_adapter_in_one_window():
+    """Switching the active adapter between loops must not cut the gradient of the one used before."""
+    model = loopus.convert(tiny_base("llama").train(), 2, 1, depth_lora_rank=4, depth_lora_count=2)
+    model.requires_grad_(False)
+    for p in model.depth_adapter_parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    rds_step(model, ids, ids.roll(-1, 1), RDSPlan(3, (1, 3), grad_steps=2), lambda_conf=0.0)
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    for name in ("depth", "depth_3"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if f".{name}." in n), name
+    assert all(p.requires_grad for p in model.depth_adapter_parameters())
+
+
 def test_depth_adapters_refuse_a_second_set():
     model = loopus.convert(tiny_base("llama"), 2, 1, depth_lora_rank=4)
     with pytest.raises(ValueError, match="already has depth adapters"):
@@ -107,6 +155,14 @@ def test_depth_adapters_on_a_frozen_base_keep_one_loop_exactly_the_base_after_tr
     trained, before = train_tiny(tmp_path, family, freeze=FROZEN_BASE_FREEZE)
     assert torch.equal(logits(trained, 1), tiny_base(family)(IDS).logits.detach())
     assert (logits(trained, 3) - before).abs().max() > 1e-4
+
+
+def test_per_loop_adapters_on_a_frozen_base_train_each_and_keep_one_loop_the_base(tmp_path):
+    trained, _ = train_tiny(tmp_path, "llama", freeze=FROZEN_BASE_FREEZE, depth_lora_count=2)
+    assert trained.config.depth_lora_count == 2
+    assert torch.equal(logits(trained, 1), tiny_base("llama")(IDS).logits.detach())
+    for name in ("depth", "depth_3"):
+        assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if f"lora_B.{name}." in n), name
 
 
 def test_the_default_recipe_trains_the_shared_weights_and_the_depth_adapters(tmp_path):

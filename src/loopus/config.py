@@ -72,6 +72,8 @@ class LoopUSConfig(PretrainedConfig):
             layers, active from loop 2 on (0: none). Loop 1 runs without them, so one loop stays
             the base model; their B matrices start at zero, so every loop count does too.
         depth_lora_alpha: LoRA scaling numerator of those adapters (the update is scaled by alpha / rank).
+        depth_lora_count: how many distinct depth-wise adapters: 1 (one shared by every loop from 2 on),
+            or k > 1 (loops 2..k+1 one each, later loops reuse the last).
         use_cache: whether inference forwards build a KV cache by default.
     """
 
@@ -89,6 +91,7 @@ class LoopUSConfig(PretrainedConfig):
         kv_mode: str = "per_depth",
         depth_lora_rank: int = 0,
         depth_lora_alpha: float = 32.0,
+        depth_lora_count: int = 1,
         use_cache: bool = True,
         **kwargs: Any,
     ):
@@ -101,6 +104,7 @@ class LoopUSConfig(PretrainedConfig):
         self.kv_mode = kv_mode
         self.depth_lora_rank = depth_lora_rank
         self.depth_lora_alpha = depth_lora_alpha
+        self.depth_lora_count = depth_lora_count
         self.use_cache = use_cache
         super().__init__(**kwargs)
         if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real) or not 0.0 < gate_init < 1.0:
@@ -108,6 +112,7 @@ class LoopUSConfig(PretrainedConfig):
         check_num_loops(num_loops)
         check_int(gate_rank, "gate_rank", 1)
         check_int(depth_lora_rank, "depth_lora_rank", 0)
+        check_int(depth_lora_count, "depth_lora_count", 1)
         if isinstance(depth_lora_alpha, bool) or not isinstance(depth_lora_alpha, numbers.Real) or depth_lora_alpha <= 0:
             raise ValueError(f"depth_lora_alpha must be a positive number, got {depth_lora_alpha!r}")
         check_int(encoder_layers, "encoder_layers", 0)

@@ -149,6 +149,7 @@ def convert(
     kv_mode: str | None = None,
     depth_lora_rank: int | None = None,
     depth_lora_alpha: float | None = None,
+    depth_lora_count: int | None = None,
 ) -> LoopUSForCausalLM:
     """Wrap `base_model` as encoder (first layers) -> looped reasoning block -> decoder (last layers).
 
@@ -159,7 +160,7 @@ def convert(
     is the same as `split="auto"`. An automatic choice is kept on the model as `model.split_analysis`.
     `base_model` may also be an embedded name, a checkpoint directory or a hub id. The returned model
     shares the base model's modules: with `num_loops=1` it computes exactly the base model.
-    `num_loops`, `gate_rank`, `gate_init`, `kv_mode`, `depth_lora_rank` and `depth_lora_alpha` are stored
+    `num_loops`, `gate_rank`, `gate_init`, `kv_mode` and `depth_lora_rank`/`_alpha`/`_count` are stored
     in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
     `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
@@ -188,7 +189,8 @@ def convert(
         )
     num_encoder, num_decoder = resolve_split(base_model.config.num_hidden_layers, encoder_layers, decoder_layers)
     options = dict(num_loops=num_loops, gate_rank=gate_rank, gate_init=gate_init, kv_mode=kv_mode,
-                   depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha)
+                   depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha,
+                   depth_lora_count=depth_lora_count)
     config = LoopUSConfig(
         base_config=base_model.config,
         attn_implementation=base_model.config._attn_implementation,

@@ -39,7 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .adapters import adapters_disabled, depth_adapter_layers, inject_depth_adapters
+from .adapters import adapter_name, adapters_disabled, inject_depth_adapters, select_adapter
 from .cache import CacheView, LoopKVCache
 from .checkpoint import load_checked
 from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD, cache_kwarg
@@ -149,13 +149,16 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             self._inject_depth_adapters()
         self.post_init()
 
-    def add_depth_adapters(self, rank: int, alpha: float | None = None) -> None:
-        """Give the reasoning block depth-wise LoRA adapters that act from loop 2 on (see `loopus.adapters`)."""
+    def add_depth_adapters(self, rank: int, alpha: float | None = None, count: int | None = None) -> None:
+        """Give the reasoning block depth-wise LoRA adapters that act from loop 2 on (see `loopus.adapters`);
+        `count` > 1 gives loops 2..count+1 one each."""
         if self.config.depth_lora_rank:
             raise ValueError(f"this model already has depth adapters (rank {self.config.depth_lora_rank})")
         self.config.depth_lora_rank = check_int(rank, "depth_lora_rank", 1)
         if alpha is not None:
             self.config.depth_lora_alpha = float(alpha)
+        if count is not None:
+            self.config.depth_lora_count = check_int(count, "depth_lora_count", 1)
         self._inject_depth_adapters()
 
     def depth_adapter_parameters(self) -> list[nn.Parameter]:
@@ -165,9 +168,9 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
     def _inject_depth_adapters(self) -> None:
         indices = list(self.config.reasoning_range)
         layers = [self.layers[i] for i in indices]
-        inject_depth_adapters(self, layers, [f"base.model.layers.{i}" for i in indices],
-                              self.config.depth_lora_rank, self.config.depth_lora_alpha)
-        self._depth_tuners = depth_adapter_layers(layers)
+        self._depth_tuners = inject_depth_adapters(self, layers, [f"base.model.layers.{i}" for i in indices],
+                                                   self.config.depth_lora_rank, self.config.depth_lora_alpha,
+                                                   self.config.depth_lora_count)
         for module in self._depth_tuners:  # PEFT initialised them (B = 0): post_init must not redo it
             for sub in module.modules():
                 sub._is_hf_initialized = True
@@ -275,6 +278,8 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             # the first pass is the base model's block: no gate, and no depth-wise adapters
             with adapters_disabled(self._depth_tuners):
                 return self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs), None
+        if self.config.depth_lora_count > 1 and self._depth_tuners:
+            select_adapter(self._depth_tuners, adapter_name(depth + 1, self.config.depth_lora_count))
         proposal = self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs)
         return self.gate(proposal, state)
 

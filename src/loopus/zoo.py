@@ -140,6 +140,7 @@ def load_for_training(
     gate_init: float,
     depth_lora_rank: int,
     depth_lora_alpha: float,
+    depth_lora_count: int = 1,
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, tuple[int | None, int | None]]:
@@ -174,10 +175,14 @@ def load_for_training(
             check_split(model.config.num_hidden_layers, encoder_layers, decoder_layers)
     elif not given_looped:
         model = convert(model, encoder_layers, decoder_layers, gate_rank=gate_rank, gate_init=gate_init,
-                        depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha)
+                        depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha,
+                        depth_lora_count=depth_lora_count)
     elif depth_lora_rank > 0 and model.config.depth_lora_rank == 0:
-        model.add_depth_adapters(depth_lora_rank, depth_lora_alpha)
+        model.add_depth_adapters(depth_lora_rank, depth_lora_alpha, depth_lora_count)
     if looped and depth_lora_rank > 0 and model.config.depth_lora_rank != depth_lora_rank:
         raise ValueError(f"{name_or_path} has depth adapters of rank {model.config.depth_lora_rank}, not "
                          f"--depth-lora-rank {depth_lora_rank}")
+    if looped and depth_lora_rank > 0 and model.config.depth_lora_count != depth_lora_count:
+        raise ValueError(f"{name_or_path} has {model.config.depth_lora_count} depth adapter(s), not "
+                         f"--depth-lora-count {depth_lora_count}")
     return model.float().train(), tokenizer, (encoder_layers, decoder_layers)

@@ -119,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
     p.add_argument("--depth-lora-alpha", type=float, default=defaults.depth_lora_alpha,
                    help="LoRA alpha of the depth-wise adapters (default %(default)s)")
+    p.add_argument("--depth-lora-count", type=int, default=defaults.depth_lora_count,
+                   help="distinct depth-wise adapters: 1 shares one across loops 2 on; k > 1 gives loops 2..k+1 "
+                        "one each (default %(default)s)")
     add_calibration_arguments(p.add_argument_group("--split auto: calibration"))
     add_constraint_arguments(p)
     p.set_defaults(handler=run)
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     base, tokenizer = load_base(args.base)
     model = convert(base, **split, tokenizer=tokenizer, **calibration, num_loops=args.num_loops,
                     gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
-                    depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha)
+                    depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
+                    depth_lora_count=args.depth_lora_count)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config

@@ -46,6 +46,8 @@ FLAGS: dict[str, tuple[object, str]] = {
     "depth_lora_rank": (int, "> 0: depth-wise LoRA adapters (PEFT) on the reasoning block, active from loop 2 on "
                              "(default 16 where they can run; 0: none)"),
     "depth_lora_alpha": (float, "LoRA alpha of the depth-wise adapters"),
+    "depth_lora_count": (int, "distinct depth-wise adapters: 1 (default) shares one across loops 2 on; k > 1 gives "
+                              "loops 2..k+1 one each"),
     "gradient_checkpointing": (_bool, "recompute decoder layers in the backward (true/false)"),
     "precision": (str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
     "fsdp": (_bool, "shard weights, gradients and optimiser state across processes with FSDP2 (true/false); "

@@ -42,6 +42,7 @@ class TrainConfig:
     depth_lora_rank: int | None = None   # > 0: depth-wise LoRA on the reasoning block, loop 2 on; None: the
                                          # recipe's rank where a run can use them (see resolve_recipe), else 0
     depth_lora_alpha: float = MODEL_DEFAULTS.depth_lora_alpha
+    depth_lora_count: int = MODEL_DEFAULTS.depth_lora_count  # > 1: loops 2..count+1 get an adapter each
     gradient_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False                   # shard with FSDP2 (also on when accelerate's config says FSDP)
@@ -155,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.depth_lora_rank < 0:
             raise ValueError(f"depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
+        if self.depth_lora_count < 1:
+            raise ValueError(f"depth_lora_count must be >= 1, got {self.depth_lora_count}")
         if self.depth_lora_rank > 0 and self.mode == "dense":
             raise ValueError("depth-wise adapters act from loop 2 on: they need --mode loopus")
         if self.depth_lora_rank > 0 and self.lora_rank > 0:

@@ -129,7 +129,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         model, self.tokenizer, split = load_for_training(
             cfg.model, cfg.mode == "loopus", cfg.encoder_layers, cfg.decoder_layers, cfg.gate_rank, cfg.gate_init,
-            cfg.depth_lora_rank, cfg.depth_lora_alpha, model=model, tokenizer=tokenizer)
+            cfg.depth_lora_rank, cfg.depth_lora_alpha, cfg.depth_lora_count, model=model, tokenizer=tokenizer)
         cfg.encoder_layers, cfg.decoder_layers = split  # dense from a LoopUS model: freeze by the model's split
         self.looped = hasattr(model, "loop_step")
         check_seq_len(cfg, model)
