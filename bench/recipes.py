@@ -321,6 +321,8 @@ def report(out: Path, plot: Path | None) -> str:
 
 
 UNLOOPED_COLORS = ["black", "dimgray", "darkgoldenrod", "darkslateblue", "darkred", "darkgreen", "darkorange"]
+TAB10 = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
+LOOPED_COLORS = TAB10 + ["navy", "sandybrown", "lime", "salmon", "plum", "peru", "hotpink", "silver", "gold", "teal"]
 
 
 def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
@@ -328,6 +330,7 @@ def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
     (`rows_per_doc`) are drawn dotted (unlooped) or dashed with square markers (looped), beside their
     whole-document twins."""
     unlooped = [arm for arm, (_, o) in ARMS.items() if o.get("mode") != "loopus"]
+    looped = [arm for arm in ARMS if arm not in unlooped]
     for arm, points in curves.items():
         spread = ARMS[arm][1].get("rows_per_doc") is not None
         if len(points) == 1:  # level lines in dark colours of their own, told apart from the marked loop curves
@@ -335,7 +338,7 @@ def draw_curves(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
                        color=UNLOOPED_COLORS[unlooped.index(arm) % len(UNLOOPED_COLORS)])
         else:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if spread else "o", label=arm,
-                    linestyle="--" if spread else "-")
+                    linestyle="--" if spread else "-", color=LOOPED_COLORS[looped.index(arm) % len(LOOPED_COLORS)])
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
     ax.set_xlabel("loops")
