@@ -134,7 +134,14 @@ def test_encoder_trains_through_the_first_supervised_step_when_unfrozen():
     apply_freeze(model, {"embeddings"})
     ids, labels = batch()
     rds_step(model, ids, labels, RDSPlan(3, (1, 3)))
-    assert model.layers[0].mlp.down_proj.weight.grad is not None
+    encoder = [p for layer in model.layers[:2] for p in layer.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder)
+    assert model.base.model.embed_tokens.weight.grad is None
+    # without loop 1 supervised, every gradient window starts on a detached state: nothing reaches the encoder
+    model.zero_grad(set_to_none=True)
+    rds_step(model, ids, labels, RDSPlan(3, (2, 3)))
+    assert all(p.grad is None or not p.grad.any() for p in encoder)
+    assert model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def _graph_bytes_per_backward(model, plan):
