@@ -6,6 +6,7 @@ text the same way, so the readers live here rather than in any one of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -13,9 +14,19 @@ from typing import Iterator
 IGNORE_INDEX = -100  # the label the loss skips (PyTorch's cross-entropy default)
 
 
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """Name the file in a decoding error (a binary or non-UTF-8 file given as text)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): pass a .jsonl or .txt "
+                         "file in UTF-8") from None
+
+
 def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors."""
-    with path.open(encoding="utf-8") as handle:
+    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors (null counts as empty)."""
+    with _utf8(path), path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -23,9 +34,15 @@ def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except ValueError as err:
                 raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number} is a {type(record).__name__}, not a JSON object with a "
+                                 f"'{text_field}' field: write one object per line")
             if text_field not in record:
                 raise ValueError(f"{path}:{number} has no '{text_field}' field (set --text-field)")
             text = record[text_field]
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{path}:{number} has '{text_field}': {text!r:.40} ({type(text).__name__}), "
+                                 "not a string")
             if text and text.strip():
                 yield text
 
@@ -34,7 +51,8 @@ def read_documents(path: Path) -> list[str]:
     """An evaluation file's documents: one per JSONL line (`text` field), or a whole text file as one."""
     if path.suffix == ".jsonl":
         return list(read_jsonl_texts(path, "text"))
-    return [path.read_text(encoding="utf-8")]
+    with _utf8(path):
+        return [path.read_text(encoding="utf-8")]
 
 
 def token_windows(ids: list[int], bos: int | None, length: int, min_tokens: int = 1,
@@ -52,8 +70,9 @@ def token_windows(ids: list[int], bos: int | None, length: int, min_tokens: int 
 
 
 def read_txt_paragraphs(path: Path) -> Iterator[str]:
+    """The documents of a text file: paragraphs separated by blank lines."""
     paragraph: list[str] = []
-    with path.open(encoding="utf-8") as handle:
+    with _utf8(path), path.open(encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 paragraph.append(line.rstrip("\n"))
@@ -65,6 +84,7 @@ def read_txt_paragraphs(path: Path) -> Iterator[str]:
 
 
 def read_text_files(paths: list[Path], text_field: str) -> Iterator[str]:
+    """The documents of .jsonl and .txt files, in order."""
     for path in paths:
         if path.suffix == ".jsonl":
             yield from read_jsonl_texts(path, text_field)
