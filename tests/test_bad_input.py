@@ -135,6 +135,10 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(saved, tmp_pat
         AutoModelForCausalLM.from_pretrained(path)
     line = cli_error(capsys, ["generate", str(path), "hi", "--max-new-tokens", "1"])
     assert "non-finite values" in line and str(path) in line
+    line = cli_error(capsys, ["eval", str(path), "--data", str(tmp_path), "--tasks", "openbookqa", "--loops", "1",
+                              "--out", str(tmp_path / "o")])
+    assert line.startswith("loopus eval: error: ") and "non-finite values" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_refuses_a_checkpoint_with_non_finite_weights(saved, tmp_path, capsys):
