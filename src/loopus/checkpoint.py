@@ -105,7 +105,9 @@ def check_finite(model: Any, source: str | os.PathLike) -> None:
     through both) without the memory of an elementwise mask.
     """
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and tensor.numel() and not tensor.is_meta and not all(v.isfinite() for v in tensor.aminmax()):
+        if not tensor.is_floating_point() or tensor.is_meta or not tensor.numel():
+            continue
+        if not all(v.isfinite() for v in tensor.aminmax()):
             raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {name}: the weights file is "
                                   "corrupt; restore it from the source, or re-save the model")
 

@@ -122,9 +122,9 @@ class LoopUSConfig(PretrainedConfig):
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
         if self.base_config is not None and encoder_layers + decoder_layers >= self.base_config.num_hidden_layers:
             raise SplitError(
-                f"encoder_layers={encoder_layers} and decoder_layers={decoder_layers} leave no reasoning layer of "
-                f"the base model's {self.base_config.num_hidden_layers}: together they may take at most "
-                f"{self.base_config.num_hidden_layers - 1}"
+                f"encoder_layers={encoder_layers} and decoder_layers={decoder_layers} leave no reasoning layer: "
+                f"the base model has {self.base_config.num_hidden_layers} layers, so together they may take at "
+                f"most {self.base_config.num_hidden_layers - 1}"
             )
 
     @classmethod
@@ -167,8 +167,11 @@ class LoopUSConfig(PretrainedConfig):
         return range(self.encoder_layers, self.base_config.num_hidden_layers - self.decoder_layers)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
-        """Generation utilities read vocabulary and layer facts from the wrapped model's config (a config
-        of defaults only, without one, is its own text config, as transformers has it for such configs)."""
+        """The wrapped model's config, where generation utilities read vocabulary and layer facts.
+
+        A config of defaults only has none and answers for itself, as transformers' configs without a
+        text sub-config do (its validators call this on every config built).
+        """
         return self if self.base_config is None else self.base_config
 
     def require_base_config(self) -> PretrainedConfig:

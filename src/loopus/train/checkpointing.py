@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, _check_safetensors_file
@@ -117,7 +119,7 @@ def _read(checkpoint: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     with the older checkpoint to resume from instead."""
     try:
         return reader(checkpoint / name)
-    except Exception as err:  # torch.load and json raise many types for a damaged file
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, SafetensorError) as err:
         older = [p for p in list_checkpoints(checkpoint.parent.parent) if p != checkpoint]
         way_out = f"delete {checkpoint} to resume from {older[-1]}" if older else "no older checkpoint is left"
         detail = str(err).split(". ")[0]
