@@ -167,10 +167,10 @@ def test_generate_names_a_missing_path(tmp_path, capsys):
 def test_a_deleted_config_json_is_named_by_generate_and_train(saved, tmp_path, capsys):
     path = copy_of(saved, tmp_path)
     (path / "config.json").unlink()
-    line = cli_error(capsys, ["generate", str(path), "hi"])
-    assert line == f"loopus generate: error: {path} has no config.json: not a saved model, or its config.json was deleted"
+    problem = f"{path} has no config.json: not a saved model, or its config.json was deleted"
+    assert cli_error(capsys, ["generate", str(path), "hi"]) == f"loopus generate: error: {problem}"
     line = cli_error(capsys, ["train", "--model", str(path), "--out", str(tmp_path / "run"), "--max-steps", "1"])
-    assert line == f"loopus train: error: {path} has no config.json: not a saved model, or its config.json was deleted"
+    assert line == f"loopus train: error: {problem}"
 
 
 def test_train_names_a_missing_model_path(tmp_path, capsys):
