@@ -159,9 +159,13 @@ def test_a_base_model_with_non_finite_weights_is_refused(saved, tmp_path, capsys
 # -- missing or misnamed models --------------------------------------------------------------------
 
 
-def test_generate_names_a_missing_path(tmp_path, capsys):
+def test_generate_names_a_missing_path_and_a_file_given_as_a_model(tmp_path, capsys):
     line = cli_error(capsys, ["generate", str(tmp_path / "nowhere"), "hi"])
     assert line == f"loopus generate: error: model path {tmp_path / 'nowhere'} does not exist"
+    (tmp_path / "notes.txt").write_text("not a model")
+    line = cli_error(capsys, ["generate", str(tmp_path / "notes.txt"), "hi"])
+    assert line == (f"loopus generate: error: {tmp_path / 'notes.txt'} is a file: pass the model directory that "
+                    "holds config.json")
 
 
 def test_a_deleted_config_json_is_named_by_generate_and_train(saved, tmp_path, capsys):
