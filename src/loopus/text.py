@@ -20,8 +20,7 @@ def _utf8(path: Path) -> Iterator[None]:
     try:
         yield
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): pass a .jsonl or .txt "
-                         "file in UTF-8") from None
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}): pass a .jsonl or .txt file in UTF-8") from None
 
 
 def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
