@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import loopus  # noqa: F401  (registers LoopUS checkpoints)
     from loopus.paths import data_file
-    from loopus.train.data import read_jsonl_texts
+    from loopus.text import read_jsonl_texts
     from loopus.zoo import load_base
 
     passages = list(read_jsonl_texts(data_file("lambada_openai/lambada_test.jsonl", args.data), "text"))[: args.limit]

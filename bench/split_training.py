@@ -23,7 +23,7 @@ from loopus.eval.perplexity import per_loop_perplexity
 from loopus.modeling import LoopUSForCausalLM
 from loopus.paths import data_file
 from loopus.train import TrainConfig, train
-from loopus.train.data import read_jsonl_texts
+from loopus.text import read_jsonl_texts
 from loopus.zoo import load_base
 
 

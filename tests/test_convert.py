@@ -174,7 +174,7 @@ def test_a_missing_base_model_path_is_named(path, tmp_path):
 
 
 def test_hub_ids_are_not_taken_for_paths():
-    from loopus.zoo import looks_like_path
+    from loopus.checkpoint import looks_like_path
 
     assert not looks_like_path("google/gemma-3-270m") and not looks_like_path("gpt2")
     assert looks_like_path("/abs/model") and looks_like_path("./m") and looks_like_path("~/m")

@@ -97,8 +97,41 @@ def looks_like_path(name: str | os.PathLike) -> bool:
     return any(s in text for s in seps) and not _HUB_ID.fullmatch(text)
 
 
+def check_finite(model: Any, source: str | os.PathLike) -> None:
+    """Refuse a loaded model whose weights hold NaN or inf, naming the first such tensor.
+
+    Corrupt bytes inside an intact file load silently and then give empty generations, chance-level
+    scores or a "non-finite loss" in training. One min/max pass per tensor finds them (NaN propagates
+    through both) without the memory of an elementwise mask.
+    """
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.is_meta or not tensor.numel():
+            continue
+        if not all(v.isfinite() for v in tensor.aminmax()):
+            raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {name}: the weights file is "
+                                  "corrupt; restore it from the source, or re-save the model")
+
+
+def check_model_path(name_or_path: str | os.PathLike, what: str = "model") -> None:
+    """Refuse a model given as a local path that does not exist, or as a directory without config.json.
+
+    Otherwise such a name reads as a hub id or a plain base model, and the error that follows says so.
+    Names that are not local paths (hub ids, embedded names) pass.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} has no config.json: not a saved model, or its config.json was deleted")
+    elif path.exists():
+        raise FileNotFoundError(f"{name} is a file: pass the model directory that holds config.json")
+    elif looks_like_path(name_or_path):
+        raise FileNotFoundError(f"{what} path {name} does not exist")
+
+
 def load_checked(loader: Callable[..., Any], name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-    """Call a `from_pretrained` after checking a local directory, and refuse weights that did not load."""
+    """Call a `from_pretrained` after checking a local directory, and refuse weights that did not load or
+    are not finite."""
     name = os.path.expanduser(str(name_or_path))
     if looks_like_path(name) or os.path.exists(name):
         check_model_dir(name)
@@ -110,4 +143,5 @@ def load_checked(loader: Callable[..., Any], name_or_path: str | os.PathLike, *a
             f"{name} lacks {len(missing)} weights (e.g. {missing[:3]}): the checkpoint is partial or from "
             "another architecture; it would otherwise be silently filled with random values"
         )
+    check_finite(model, name)
     return (model, info) if wants_info else model

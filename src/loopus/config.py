@@ -59,7 +59,8 @@ class LoopUSConfig(PretrainedConfig):
     """A pretrained decoder LM recast as encoder -> looped reasoning block -> decoder.
 
     Args:
-        base_config: config of the wrapped causal LM (its own `model_type`).
+        base_config: config of the wrapped causal LM (its own `model_type`); None only in a config that
+            holds the defaults, from which no model is built.
         encoder_layers: number of leading base layers run once before the loop.
         decoder_layers: number of trailing base layers run once after the loop.
         num_loops: loop count used when `forward` is not given one.
@@ -78,7 +79,7 @@ class LoopUSConfig(PretrainedConfig):
     """
 
     model_type = "loopus"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
 
     def __init__(
         self,
@@ -119,14 +120,37 @@ class LoopUSConfig(PretrainedConfig):
         check_int(decoder_layers, "decoder_layers", 0)
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+        if self.base_config is not None and encoder_layers + decoder_layers >= self.base_config.num_hidden_layers:
+            raise SplitError(
+                f"encoder_layers={encoder_layers} and decoder_layers={decoder_layers} leave no reasoning layer: "
+                f"the base model has {self.base_config.num_hidden_layers} layers, so together they may take at "
+                f"most {self.base_config.num_hidden_layers - 1}"
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "LoopUSConfig":
+        """Refuse a stored config that does not describe a buildable model, naming its source.
+
+        Without `base_config` (or its `model_type`) transformers would fill in a default-size base model
+        (a 4096-wide, 32-layer Llama); a split out of range would fail deep in the forward pass.
+        """
+        name = kwargs.get("name_or_path")
+        source = f"{name}/config.json" if name else "the LoopUS config"
+        base = config_dict.get("base_config")
+        if not isinstance(base, dict):
+            raise CheckpointError(f"{source} has no base_config: it describes no base model, so the checkpoint "
+                                  "cannot be built; restore the config.json saved with the weights")
+        if "model_type" not in base:
+            raise CheckpointError(f"{source}: its base_config has no model_type; restore the config.json saved "
+                                  "with the weights")
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ValueError as err:
+            raise CheckpointError(f"{source} is invalid: {err}") from None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "LoopUSConfig":
-        """Refuse, before any model is built, a directory or hub id whose config is not a LoopUS one.
-
-        Without this, a plain checkpoint's config would be read as a LoopUS config with a default
-        (4096-wide, 32-layer) base model, allocating billions of parameters.
-        """
+        """Refuse, before any model is built, a directory or hub id whose config is not a LoopUS one."""
         config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **dict(kwargs))
         found = config_dict.get("model_type")
         if found != cls.model_type:
@@ -134,6 +158,7 @@ class LoopUSConfig(PretrainedConfig):
                 f"{pretrained_model_name_or_path} is not a LoopUS checkpoint (its config says model_type "
                 f"{found!r}): convert it first with loopus.convert(...) or `loopus convert`"
             )
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))  # from_dict's errors name the source
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
@@ -142,5 +167,16 @@ class LoopUSConfig(PretrainedConfig):
         return range(self.encoder_layers, self.base_config.num_hidden_layers - self.decoder_layers)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
-        """Generation utilities read vocabulary and layer facts from the wrapped model's config."""
+        """The wrapped model's config, where generation utilities read vocabulary and layer facts.
+
+        A config of defaults only has none and answers for itself, as transformers' configs without a
+        text sub-config do (its validators call this on every config built).
+        """
+        return self if self.base_config is None else self.base_config
+
+    def require_base_config(self) -> PretrainedConfig:
+        """The base model's config; refused where there is none, so no default-size base model is built."""
+        if self.base_config is None:
+            raise ValueError("this LoopUSConfig has no base_config (LoopUSConfig() only holds the defaults): "
+                             "build a model with loopus.convert(base_model, ...) or load a saved checkpoint")
         return self.base_config

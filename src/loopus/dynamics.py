@@ -33,7 +33,7 @@ from .config import CALIBRATION_TOKENS
 from .modeling import soft_cap
 from .plotting import pyplot, save_figure
 from .split import SplitChoice, SplitConstraints, choose_split
-from .train.data import read_documents, token_windows
+from .text import read_documents, token_windows
 
 DEFAULT_CALIBRATION = ("enwiki/valid.jsonl", "wikitext2/tokenized/valid.txt", "eltec_eng/valid.jsonl")
 

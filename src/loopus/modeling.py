@@ -136,7 +136,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                 module._is_hf_initialized = True
             self.base = base_model
         else:
-            self.base = AutoModelForCausalLM.from_config(config.base_config)
+            self.base = AutoModelForCausalLM.from_config(config.require_base_config())
         hidden = config.base_config.hidden_size
         self.gate = SelectiveGate(hidden, config.gate_rank, config.gate_init)
         self.confidence_head = ConfidenceHead(hidden)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import is_loopus_checkpoint, looks_like_path
+from .checkpoint import check_finite, check_model_path, is_loopus_checkpoint
 from .errors import MissingDependencyError
 
 DEFAULT_BASE = "gemma-3-270m"
@@ -100,10 +100,10 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 
 def check_base_exists(name_or_path: str | os.PathLike) -> None:
-    """Raise FileNotFoundError, naming it, for a base model given as a local path that does not exist."""
-    name = str(name_or_path)
-    if name not in EMBEDDED and looks_like_path(name_or_path) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"base model path {name} does not exist")
+    """Raise FileNotFoundError, naming it, for a base model given as a local path that does not exist or
+    holds no config.json."""
+    if str(name_or_path) not in EMBEDDED:
+        check_model_path(name_or_path, "base model")
 
 
 def load_base(
@@ -126,6 +126,7 @@ def load_base(
         raise FileNotFoundError(f"base model {source!r} is not a local checkpoint directory and could not be "
                                 f"loaded from the hub ({detail})") from err
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+    check_finite(model, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..cache import KV_MODES
-from ..checkpoint import is_loopus_checkpoint
+from ..checkpoint import check_model_path, is_loopus_checkpoint
 from ..config import LoopUSConfig
 from .analyze import add_calibration_arguments, add_constraint_arguments, constraints_from
 
@@ -80,6 +80,7 @@ def load_model(args: argparse.Namespace):
     from ..modeling import LoopUSForCausalLM
     from ..zoo import load_base
 
+    check_model_path(args.model)
     split = split_arguments(args)
     if is_loopus_checkpoint(args.model):
         if split is not None:

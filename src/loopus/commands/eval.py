@@ -43,10 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import is_loopus_checkpoint
+    from ..checkpoint import check_model_path, is_loopus_checkpoint
     from ..eval.harness import evaluate_hf, evaluate_loopus, write_eval_report
     from ..paths import data_dir
 
+    check_model_path(args.model)
     os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())
     tasks = [t for t in args.tasks.split(",") if t]
     settings = {"model": args.model, "tasks": ",".join(tasks), "limit": args.limit}

@@ -20,11 +20,19 @@ from .report import (
 
 
 def _task_manager(tasks: list[str]):
-    """The shipped offline tasks only (fast: no scan of lm-eval's thousands of YAMLs) when they cover `tasks`."""
+    """The shipped offline tasks only (fast: no scan of lm-eval's thousands of YAMLs) when they cover `tasks`.
+
+    Refuses task names it does not know (lm-eval would raise a KeyError once the model is loaded).
+    """
     from . import SHIPPED_TASKS, task_manager
 
     shipped = all(t in SHIPPED_TASKS or t.startswith("mmlu_") for t in tasks)
-    return task_manager(include_defaults=not shipped)
+    tm = task_manager(include_defaults=not shipped)
+    unknown = [t for t in tasks if t not in tm.all_tasks and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}: the offline tasks shipped with loopus are "
+                         f"{', '.join(SHIPPED_TASKS)}; `loopus lm-eval ls tasks` lists lm-eval's own")
+    return tm
 
 
 def _simple_evaluate(lm, tasks: list[str], limit: float | None, tm, **kwargs) -> dict[str, dict[str, float]]:
@@ -45,8 +53,9 @@ def evaluate_hf(
     from ..zoo import resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tm = _task_manager(tasks)
     lm = HFLM(pretrained=resolve(model), dtype="float32", batch_size=batch_size, device=device)
-    return _simple_evaluate(lm, tasks, limit, _task_manager(tasks), **kwargs)
+    return _simple_evaluate(lm, tasks, limit, tm, **kwargs)
 
 
 def evaluate_loopus(
@@ -79,9 +88,9 @@ def evaluate_loopus(
     exit_args = {"exit_strategy": exit_strategy, "exit_threshold": thresholds[0] if thresholds else None}
     if min_loops is not None:
         exit_args["min_loops"] = min_loops
+    tm = _task_manager(tasks)  # unknown task names are refused before the model loads
     # Fail before any evaluation if the model can't do what was asked (the check lives in LoopUSLM).
     lm = LoopUSLM(pretrained=str(model), num_loops=loops[0], batch_size=batch_size, device=device, **exit_args)
-    tm = _task_manager(tasks)
     out: dict[str, Any] = {"loops": {}, "points": []}
     lm.set_exit()
     for n in loops:

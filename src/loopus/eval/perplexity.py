@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import LoopUSForCausalLM
-from ..train.data import IGNORE_INDEX, read_documents, token_windows
+from ..text import IGNORE_INDEX, read_documents, token_windows
 
 # held-out text of the shipped corpora: name -> file in the data directory
 HELD_OUT = {"enwiki": "enwiki/valid.jsonl", "eltec_eng": "eltec_eng/valid.jsonl", "wikitext2": "wikitext2/wiki.test.raw"}

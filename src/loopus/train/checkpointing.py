@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, _check_safetensors_file
@@ -62,10 +64,13 @@ def finalize_checkpoint(
 
     `optimizer_state` is `optimizer.state_dict()`, or under FSDP the gathered full state keyed by name.
     """
+    tmp = staging_dir(out, step)
     bad = [name for name, t in trainable.items() if not torch.isfinite(t).all()]
     if bad:
-        raise CheckpointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]})")
-    tmp = staging_dir(out, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(out)
+        raise CheckpointError(f"refusing to write checkpoint step {step}: non-finite weights {bad[:3]} "
+                              f"({len(bad)} in all); the last good checkpoint is {last or 'none'}")
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -94,6 +99,34 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def set_aside_diverged(out: str | os.PathLike, step: int) -> Path | None:
+    """After the update following `step` diverged: move a checkpoint of `step` out of the resumable set.
+
+    It holds the very weights whose loss was non-finite, and a resume replays the same batch and plan
+    on them, so it would diverge again at any lr. It is renamed `diverged-step-N`, not deleted.
+    Returns the latest checkpoint left, the one to name as last good.
+    """
+    last = latest_checkpoint(out)
+    if last is not None and last.name == f"step-{step:08d}":
+        aside = last.with_name(f"diverged-{last.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(last, aside)
+    return latest_checkpoint(out)
+
+
+def _read(checkpoint: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    """`reader` on file `name` of `checkpoint`; a file that does not parse (truncated, corrupt) is named,
+    with the older checkpoint to resume from instead."""
+    try:
+        return reader(checkpoint / name)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, SafetensorError) as err:
+        older = [p for p in list_checkpoints(checkpoint.parent.parent) if p != checkpoint]
+        way_out = f"delete {checkpoint} to resume from {older[-1]}" if older else "no older checkpoint is left"
+        detail = str(err).split(". ")[0]
+        raise CheckpointError(f"{checkpoint / name} is corrupt or truncated ({type(err).__name__}: {detail}); "
+                              f"{way_out}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint (CPU tensors); raises CheckpointError if it is incomplete or corrupt."""
     path = Path(path)
@@ -103,9 +136,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     _check_safetensors_file(path / "trainable.safetensors")
     return {
-        "trainable": load_file(path / "trainable.safetensors"),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "state": json.loads((path / STATE_FILE).read_text()),
+        "trainable": _read(path, "trainable.safetensors", load_file),
+        "optimizer": _read(path, "optimizer.pt", lambda f: torch.load(f, weights_only=True)),
+        "state": _read(path, STATE_FILE, lambda f: json.loads(f.read_text())),
     }
 
 

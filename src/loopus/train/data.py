@@ -34,7 +34,6 @@ A corpus without a validation file gives up the documents whose hash falls in `v
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,8 @@ import torch
 
 from ..errors import LoopUSError, MissingDependencyError
 from ..paths import data_path as resolve_data_path
+from ..text import IGNORE_INDEX, read_text_files
 
-IGNORE_INDEX = -100
 PAD_SLOT = -1  # padding in a stored row: an ignored label, and never attended by the tokens before it
 PACKINGS = ("documents", "stream")
 
@@ -75,67 +74,6 @@ class DataSourceError(LoopUSError, RuntimeError):
     """A corpus that cannot be opened."""
 
 
-def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
-            if text_field not in record:
-                raise ValueError(f"{path}:{number} has no '{text_field}' field (set --text-field)")
-            text = record[text_field]
-            if text and text.strip():
-                yield text
-
-
-def read_documents(path: Path) -> list[str]:
-    """An evaluation file's documents: one per JSONL line (`text` field), or a whole text file as one."""
-    if path.suffix == ".jsonl":
-        return list(read_jsonl_texts(path, "text"))
-    return [path.read_text(encoding="utf-8")]
-
-
-def token_windows(ids: list[int], bos: int | None, length: int, min_tokens: int = 1,
-                  carry_previous: bool = False) -> list[list[int]]:
-    """Disjoint chunks of `length` tokens, each led by BOS; without a BOS, by the token before the chunk
-    if `carry_previous` (so the chunk's first token is predicted too). Chunks under `min_tokens` are dropped."""
-    out = []
-    for start in range(0, len(ids), length):
-        chunk = ids[start : start + length]
-        if len(chunk) < min_tokens:
-            continue
-        prefix = [bos] if bos is not None else ids[max(0, start - 1) : start] if carry_previous else []
-        out.append(prefix + chunk)
-    return out
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    paragraph: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield "\n".join(paragraph)
-                paragraph = []
-    if paragraph:
-        yield "\n".join(paragraph)
-
-
-def _read_files(paths: list[Path], text_field: str) -> Iterator[str]:
-    for path in paths:
-        if path.suffix == ".jsonl":
-            yield from read_jsonl_texts(path, text_field)
-        elif path.suffix == ".txt":
-            yield from _read_txt(path)
-        else:
-            raise ValueError(f"unsupported data file {path}: use .jsonl (with a text field) or .txt")
-
-
 def _files_in(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file())
 
@@ -153,7 +91,7 @@ class Source:
         if self.hf is not None:
             return _hf_documents(self.hf, split, text_field)
         files = self.train if split == "train" else self.valid
-        return _read_files(files, text_field) if files else None
+        return read_text_files(files, text_field) if files else None
 
 
 def _hf_documents(spec: tuple[str, str | None], split: str, text_field: str) -> Iterator[str] | None:
