@@ -44,14 +44,15 @@ def add_split_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP}")
 
 
-def split_arguments(args: argparse.Namespace) -> dict | None:
-    """`convert`'s split keywords from --split or --encoder-layers/--decoder-layers; None if none is given."""
-    layers = {"encoder_layers": args.encoder_layers, "decoder_layers": args.decoder_layers}
-    given = [value is not None for value in layers.values()]
+def split_arguments(args: argparse.Namespace) -> str | tuple | None:
+    """The split (as `loopus.dynamics.resolve_split` takes it) from --split or --encoder-layers/--decoder-layers;
+    None if none is given."""
+    layers = (args.encoder_layers, args.decoder_layers)
+    given = [value is not None for value in layers]
     if args.split is not None:
         if any(given):
             raise ValueError("give either --split or --encoder-layers/--decoder-layers, not both")
-        return {"split": args.split}
+        return args.split
     if not any(given):
         return None
     if not all(given):
@@ -76,7 +77,7 @@ def load_model(args: argparse.Namespace):
     """
     from transformers import AutoTokenizer
 
-    from ..convert import convert
+    from ..dynamics import convert_auto
     from ..modeling import LoopUSForCausalLM
     from ..zoo import load_base
 
@@ -100,7 +101,7 @@ def load_model(args: argparse.Namespace):
     base, tokenizer = load_base(args.model)
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    return convert(base, **split, tokenizer=tokenizer, data=args.data).eval(), tokenizer
+    return convert_auto(base, split, tokenizer, data=args.data).eval(), tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -128,7 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert
+    from ..dynamics import convert_auto, plot_dynamics
+    from ..split import choice_from_result
     from ..zoo import check_base_exists, load_base
 
     check_base_exists(args.base)  # a mistyped path is named first, before the other arguments
@@ -140,17 +142,14 @@ def run(args: argparse.Namespace) -> int:
         calibration = dict(data=args.data, calibration=args.calibration, calibration_tokens=args.tokens,
                            constraints=constraints_from(args))
     base, tokenizer = load_base(args.base)
-    model = convert(base, **split, tokenizer=tokenizer, **calibration, num_loops=args.num_loops,
-                    gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
-                    depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
-                    depth_lora_count=args.depth_lora_count)
+    model = convert_auto(base, split, tokenizer, **calibration, num_loops=args.num_loops,
+                         gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
+                         depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
+                         depth_lora_count=args.depth_lora_count)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config
     if model.split_analysis is not None:
-        from ..dynamics import plot_dynamics
-        from ..split import choice_from_result
-
         analysis = model.split_analysis
         (Path(args.out) / "split.json").write_text(json.dumps(analysis, indent=2))
         plot_dynamics(analysis["metrics"], choice_from_result(analysis), Path(args.out) / "dynamics.png", args.base)
