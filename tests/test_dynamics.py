@@ -278,7 +278,7 @@ def test_convert_split_auto_python_api(tmp_path):
     "convert, kwargs, message",
     [
         ("convert", dict(encoder_layers="auto", decoder_layers=1), "loopus.dynamics.convert_auto"),
-        ("convert", dict(encoder_layers="half", decoder_layers=1), "must be counts or index lists"),
+        ("convert", dict(encoder_layers="half", decoder_layers=1), "must be a layer count"),
         ("convert_auto", dict(split="auto"), "pass tokenizer="),
         ("convert_auto", dict(split=(1, 2, 3)), "split must be"),
         ("convert_auto", dict(split=7), "split must be"),

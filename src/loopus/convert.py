@@ -114,11 +114,12 @@ def convert(
     are stored in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
     `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
-    if isinstance(encoder_layers, str) or isinstance(decoder_layers, str):
-        raise SplitError(
-            f"encoder_layers/decoder_layers must be counts or index lists, got {encoder_layers!r}, {decoder_layers!r}: "
-            "to choose the split automatically or read a split.json, use loopus.dynamics.convert_auto(base, split)"
-        )
+    for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        if isinstance(layers, (str, os.PathLike)):
+            raise SplitError(
+                f"{side}_layers must be a layer count (an int) or an index list, got {layers!r}: to choose the "
+                "split automatically or read a split.json, use loopus.dynamics.convert_auto(base, split)"
+            )
     if not isinstance(base_model, PreTrainedModel):
         base_model, _ = load_base(base_model)
     check_supported(base_model)
