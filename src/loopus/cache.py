@@ -56,8 +56,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
 from .deprecation import renamed_keyword
-
-KV_MODES = ("per_depth", "shared")
+from .options import KV_MODES
 
 
 def loop_stats(passes: torch.Tensor, mask: torch.Tensor | None = None) -> dict:

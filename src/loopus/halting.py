@@ -28,9 +28,9 @@ from transformers import initialization as init
 
 from .config import check_int, check_num_loops
 from .deprecation import renamed_keyword
+from .options import DEFAULT_THRESHOLDS, EXIT_STRATEGIES
 
-STRATEGIES = ("threshold", "cdf", "convergence", "kl")
-DEFAULT_THRESHOLDS = {"threshold": 0.9, "cdf": 0.9, "convergence": 0.05, "kl": 0.01}
+STRATEGIES = EXIT_STRATEGIES
 
 
 def check_threshold(value: Any) -> float:

@@ -10,10 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cache import KV_MODES
 from ..checkpoint import is_loopus_checkpoint
-from ..config import LoopUSConfig
+from ..options import KV_MODES
 from .analyze import add_calibration_arguments, add_constraint_arguments, constraints_from
+
+HELP = "recast a pretrained causal LM as a LoopUS model"
 
 SPLIT_HELP = ("'auto' (analyze the base model on calibration text from --data and choose), a split.json "
               "from `loopus analyze`, or E,D counts")
@@ -38,10 +39,11 @@ def parse_split(text: str) -> str | tuple[int, int]:
 
 
 def add_split_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="count N, or indices 0,1,2")
-    p.add_argument("--decoder-layers", type=parse_layers, default=None, help="count N, or indices 15,16,17")
+    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="count N, or indices 0,1,2 (default: none)")
+    p.add_argument("--decoder-layers", type=parse_layers, default=None,
+                   help="count N, or indices 15,16,17 (default: none)")
     p.add_argument("--split", type=parse_split, default=None,
-                   help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP}")
+                   help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP} (default: none)")
 
 
 def split_arguments(args: argparse.Namespace) -> str | tuple | None:
@@ -105,17 +107,18 @@ def load_model(args: argparse.Namespace):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import LoopUSConfig  # its defaults are shown in the help (only when this verb is built)
+
     defaults = LoopUSConfig()
-    p = subparsers.add_parser("convert", help="recast a pretrained causal LM as a LoopUS model")
+    p = subparsers.add_parser("convert", help=HELP)
     p.add_argument("base", help="embedded name (gemma-3-270m), checkpoint directory or hub id")
     add_split_arguments(p)
     p.add_argument("--out", required=True, help="output directory (save_pretrained format)")
-    p.add_argument("--num-loops", type=int, default=defaults.num_loops,
-                   help="default loop count stored in the config (default %(default)s)")
-    p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="default %(default)s")
+    p.add_argument("--num-loops", type=int, default=defaults.num_loops, help="default loop count stored in the config")
+    p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="bottleneck width of the selective gate")
     p.add_argument("--gate-init", type=float, default=defaults.gate_init,
                    help="gate share at init; %(default)s keeps every loop count near the base model (0.5: the paper's)")
-    p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode)
+    p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode, help="KV cache layout stored in the config")
     p.add_argument("--depth-lora-rank", type=int, default=defaults.depth_lora_rank,
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
     p.add_argument("--depth-lora-alpha", type=float, default=defaults.depth_lora_alpha,
