@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,11 +83,6 @@ class SplitChoice:
     def reasoning_layers(self) -> tuple[int, int]:
         """First and last base-layer index of the reasoning block (inclusive)."""
         return self.encoder_layers, self.num_layers - self.decoder_layers - 1
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["reasoning_layers"] = list(self.reasoning_layers)
-        return out
 
 
 def change_signals(
