@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_base, tiny_looped
@@ -46,6 +48,12 @@ def test_a_fractional_split_is_refused_by_convert_and_convert_auto(encoder, deco
         loopus.convert(tiny_base("llama"), encoder, decoder)
     with pytest.raises(SplitError, match="must be a layer count"):
         convert_auto(tiny_base("llama"), (encoder, decoder))
+
+
+def test_a_split_file_with_fractional_counts_is_refused(tmp_path):
+    (tmp_path / "split.json").write_text(json.dumps({"split": {"encoder_layers": 2.7, "decoder_layers": 1}}))
+    with pytest.raises(SplitError, match=r"must be layer counts \(integers\), got \(2.7, 1\)"):
+        convert_auto(tiny_base("llama"), tmp_path / "split.json")
 
 
 def test_old_keyword_names_work_and_warn():

@@ -244,9 +244,12 @@ def load_split(path: str | os.PathLike) -> tuple[int, int]:
         raise FileNotFoundError(f"split file {path} not found (run `loopus analyze` first)")
     try:
         split = json.loads(path.read_text())["split"]
-        return int(split["encoder_layers"]), int(split["decoder_layers"])
+        counts = split["encoder_layers"], split["decoder_layers"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a split.json written by loopus analyze ({err})") from None
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
+        raise SplitError(f"{path}: encoder_layers and decoder_layers must be layer counts (integers), got {counts}")
+    return counts
 
 
 def choice_from_result(result: dict[str, Any]) -> SplitChoice:
