@@ -213,7 +213,7 @@ class LoopKVCache(Cache):
         """One model forward's writes. Inside, the reasoning passes write through `at(depth, rows)`; the
         forward sets the yielded state's `loop_passes` (batch, seq) once its loop is done. On leaving, the
         newest KV is stored where no pass wrote it (the depths nobody ran; in shared mode the one slot)
-        and the passes are recorded. A forward that fails stores nothing of its loop."""
+        and the passes are recorded; a forward that fails records no passes."""
         if self._forward is not None:
             raise RuntimeError("a forward is already writing to this cache: one forward at a time")
         state = self._forward = LoopForward()
