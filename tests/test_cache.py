@@ -39,9 +39,9 @@ def test_slot_layout_and_budget_check():
     shared = model.new_cache(3, "shared")
     assert len(shared.layers) == 2 + len(reasoning) + 1
     assert shared.slot(3, 0) == shared.slot(3, 2)
-    with pytest.raises(ValueError, match="max_depth must be >= 1"):
+    with pytest.raises(ValueError, match="num_loops must be >= 1"):
         model.new_cache(0)
-    with pytest.raises(ValueError, match="max_depth must be >= 1"):
+    with pytest.raises(ValueError, match="num_loops must be >= 1"):
         LoopKVCache(model.config.base_config, 2, 1, 0)
     key = torch.zeros(1, 1, 1, 4)
     with pytest.raises(ValueError, match="reasoning layer: its KV depends on the loop depth"):

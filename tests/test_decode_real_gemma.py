@@ -55,7 +55,7 @@ def test_real_gemma_generate_cli_streams_loop_counts(gemma, capsys, tmp_path):
     stats = tmp_path / "stats.json"
     rc = main([
         "generate", "gemma-3-270m", "The capital of France is", "--encoder-layers", "4", "--decoder-layers", "2",
-        "--max-loops", "3", "--strategy", "kl", "--threshold", "0.05", "--max-new-tokens", "3",
+        "--num-loops", "3", "--exit-strategy", "kl", "--exit-threshold", "0.05", "--max-new-tokens", "3",
         "--show-loops", "number", "--stats-json", str(stats),
     ])
     out = capsys.readouterr()
@@ -72,8 +72,8 @@ def test_real_gemma_generate_cli_streams_loop_counts(gemma, capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--max-loops", "2", "--min-loops", "3", "--strategy", "kl"], "min_loops=3 is larger than the budget"),
-        (["--threshold", "0.5"], "--threshold needs --strategy"),
+        (["--num-loops", "2", "--min-loops", "3", "--exit-strategy", "kl"], "min_loops=3 is larger than the budget"),
+        (["--exit-threshold", "0.5"], "--exit-threshold needs --exit-strategy"),
         ([], "not a LoopUS checkpoint: give a split"),
     ],
 )

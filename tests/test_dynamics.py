@@ -12,7 +12,7 @@ from conftest import char_tokenizer, tiny_base
 import loopus
 from loopus import SplitError
 from loopus.cli import main
-from loopus.dynamics import analyze, calibration_text, measure_dynamics
+from loopus.dynamics import analyze, calibration_text, convert_auto, measure_dynamics
 from loopus.split import SplitConstraints, change_score, choose_split, load_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -260,34 +260,40 @@ def test_analyze_too_few_layers(tmp_path, capsys):
 def test_convert_split_auto_python_api(tmp_path):
     write_calibration(tmp_path / "calib.jsonl")
     base = tiny_base("qwen3")
-    model = loopus.convert(base, split="auto", tokenizer=char_tokenizer(), data=tmp_path,
-                           calibration="calib.jsonl", calibration_tokens=200)
+    model = convert_auto(base, "auto", char_tokenizer(), data=tmp_path, calibration="calib.jsonl",
+                         calibration_tokens=200)
     analysis = model.split_analysis
     assert (model.config.encoder_layers, model.config.decoder_layers) == (
         analysis["split"]["encoder_layers"], analysis["split"]["decoder_layers"])
-    same = loopus.convert(base, "auto", tokenizer=char_tokenizer(), data=tmp_path, calibration="calib.jsonl",
-                          calibration_tokens=200)
+    same = convert_auto(base, tokenizer=char_tokenizer(), data=tmp_path, calibration="calib.jsonl",
+                        calibration_tokens=200)
     assert same.config.encoder_layers == model.config.encoder_layers
-    assert loopus.convert(base, split=(2, 1)).config.reasoning_range == range(2, 5)
+    assert convert_auto(base, (2, 1)).config.reasoning_range == range(2, 5)
     ids = torch.randint(3, 97, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(ids, num_loops=1).logits, base(ids).logits)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "convert, kwargs, message",
     [
-        (dict(encoder_layers=2), "give encoder_layers and decoder_layers, or split='auto'"),
-        (dict(encoder_layers=2, decoder_layers=1, split="auto"), "not both"),
-        (dict(encoder_layers="auto", decoder_layers=1), "chooses the decoder too"),
-        (dict(encoder_layers="half"), "count, an index list or 'auto'"),
-        (dict(split="auto"), "pass tokenizer="),
-        (dict(split=(1, 2, 3)), "split must be"),
+        ("convert", dict(encoder_layers="auto", decoder_layers=1), "loopus.dynamics.convert_auto"),
+        ("convert", dict(encoder_layers="half", decoder_layers=1), "must be a layer count"),
+        ("convert_auto", dict(split="auto"), "pass tokenizer="),
+        ("convert_auto", dict(split=(1, 2, 3)), "split must be"),
+        ("convert_auto", dict(split=7), "split must be"),
     ],
 )
-def test_convert_split_arguments_are_checked(kwargs, message):
+def test_convert_split_arguments_are_checked(convert, kwargs, message):
+    build = loopus.convert if convert == "convert" else convert_auto
     with pytest.raises((SplitError, ValueError), match=message):
-        loopus.convert(tiny_base("llama"), **kwargs)
+        build(tiny_base("llama"), **kwargs)
+
+
+@pytest.mark.parametrize("split", [(2.7, 1), (2, 1.0), (True, 1)])
+def test_a_fractional_split_pair_is_refused_not_truncated(split):
+    with pytest.raises(SplitError, match="must be a layer count"):
+        convert_auto(tiny_base("llama"), split)
 
 
 def test_convert_command_split_auto_and_split_file(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_exit_rule_that_never_fires_gives_the_fixed_budget_metrics(tiny, data_di
     monkeypatch.setenv("LOOPUS_DATA", str(data_dir))
     _, loop_dir = tiny
     report = evaluate_loopus(
-        str(loop_dir), [task], loops=[4], limit=limit, exit_strategy="threshold", thresholds=[0.9],
+        str(loop_dir), [task], num_loops=[4], limit=limit, exit_strategy="threshold", thresholds=[0.9],
         min_loops=4, batch_size=4, device="cpu", bootstrap_iters=0,
     )
     fixed, exited = report["points"]
@@ -129,6 +129,52 @@ def test_exit_rule_that_never_fires_gives_the_fixed_budget_metrics(tiny, data_di
     assert fixed["metrics"][task]  # the task produced metrics
     assert exited["metrics"] == fixed["metrics"]  # exactly, not approximately
     assert fixed["mean_loop_passes"] == exited["mean_loop_passes"] == 4.0
+
+
+def test_reset_starts_a_new_sweep_point(tiny):
+    """`reset` sets the budget and exit settings and restarts the loop-pass count, checking them at once."""
+    _, loop_dir = tiny
+    lm = LoopUSLM(pretrained=str(loop_dir), num_loops=3)
+    reqs = _ll_requests()[:2]
+    lm.loglikelihood(reqs)
+    assert lm.mean_loop_passes == 3.0
+    lm.reset(2)
+    assert (lm.num_loops, lm.mean_loop_passes, lm.exit_kwargs) == (2, None, {})
+    lm.loglikelihood(reqs)
+    assert lm.mean_loop_passes == 2.0
+    lm.reset(4, exit_strategy="kl", min_loops=4)
+    assert lm.exit_kwargs == {"exit_strategy": "kl", "min_loops": 4}
+    with pytest.raises(ValueError, match="unknown exit_strategy 'median'"):
+        lm.reset(4, exit_strategy="median")
+    with pytest.raises(ValueError, match="num_loops must be an integer"):
+        lm.reset(2.5)
+
+
+def test_evaluate_loopus_reads_the_data_directory_it_is_given(tiny, data_dir, monkeypatch):
+    """The data directory reaches the offline tasks as lm-eval task metadata: `$LOOPUS_DATA` may point
+    elsewhere (or be unset) and is never written."""
+    from loopus.eval.harness import evaluate_loopus
+
+    monkeypatch.setenv("LOOPUS_DATA", "/no/such/loopus/data")
+    _, loop_dir = tiny
+    report = evaluate_loopus(str(loop_dir), ["arc_easy"], num_loops=[1], limit=2, batch_size=2, device="cpu",
+                             data=data_dir, bootstrap_iters=0)
+    assert report["loops"][1]["arc_easy"]
+    import os
+
+    assert os.environ["LOOPUS_DATA"] == "/no/such/loopus/data"
+
+
+def test_an_exit_strategy_without_thresholds_runs_at_its_default_threshold(tiny, data_dir):
+    from loopus.eval.harness import evaluate_loopus
+    from loopus.halting import DEFAULT_THRESHOLDS
+
+    _, loop_dir = tiny
+    report = evaluate_loopus(str(loop_dir), ["arc_easy"], num_loops=[3], limit=2, exit_strategy="kl",
+                             batch_size=2, device="cpu", data=data_dir, bootstrap_iters=0)
+    fixed, exited = report["points"]
+    assert exited["threshold"] == DEFAULT_THRESHOLDS["kl"] and exited["label"] == "t=0.01"
+    assert fixed["mean_loop_passes"] == 3.0 and exited["mean_loop_passes"] <= 3.0
 
 
 def test_base_checkpoint_is_refused(tiny):

@@ -192,7 +192,7 @@ def test_exit_rule_validation(args, message):
     with pytest.raises(ValueError, match=message):
         ExitRule.build(*args)
     rule = ExitRule.build("kl", None, None, 4)
-    assert (rule.threshold, rule.min_loops, rule.max_loops) == (0.01, 1, 4)
+    assert (rule.threshold, rule.min_loops, rule.num_loops) == (0.01, 1, 4)
 
 
 def test_a_one_token_prompt_is_prefill_alone_and_in_a_padded_batch():

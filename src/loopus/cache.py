@@ -11,9 +11,9 @@ Layout
     slot with the stock implementations.
 
 kv_mode="per_depth" (default)
-    Every reasoning layer has `max_depth` slots: loop t of a new token attends to loop t of the
+    Every reasoning layer has `num_loops` slots: loop t of a new token attends to loop t of the
     earlier tokens. At a fixed budget this is exactly the uncached computation (tested).
-    Memory grows linearly with `max_depth`.
+    Memory grows linearly with `num_loops`.
 
 kv_mode="shared" (constant memory, MELT-like)
     Each reasoning layer has ONE slot for all depths. While a forward loops, each pass attends to the
@@ -28,8 +28,8 @@ Tokens that exit early (adaptive depth)
     the latest depth it computed (Huginn's "latest available depth"). So a later token that loops
     deeper attends to the earlier token's most refined KV. In "shared" mode this holds by
     construction (the entry simply stays at depth d). When a whole forward stops before
-    `max_depth`, `finish_loops` writes those copies into the remaining per-depth slots, so every slot
-    keeps every position. In a batch where only some rows still loop, the view's `rows` (indices into
+    `num_loops`, its `with cache.forward()` block writes those copies into the remaining per-depth slots
+    on leaving, so every slot keeps every position. In a batch where only some rows still loop, the view's `rows` (indices into
     the batch) says which rows the reasoning layers are computing; the cache builds the full-batch entry
     from the rows' new KV and the other rows' latest KV, stores it, and returns the keys/values of
     the active rows only, so exited rows do no attention or MLP work.
@@ -47,11 +47,16 @@ Per-token loop passes
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+from collections.abc import Iterator
+
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
-KV_MODES = ("per_depth", "shared")
+from .deprecation import renamed_keyword
+from .options import KV_MODES
 
 
 def loop_stats(passes: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -64,26 +69,41 @@ def loop_stats(passes: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
     return {"tokens": int(values.numel()), "mean": float(values.float().mean()), "histogram": histogram}
 
 
+class LoopForward:
+    """What one model forward leaves in the cache before it is stored: the newest KV of every reasoning
+    layer, the loop depths written, and (set by the forward) the passes its tokens ran."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.depths_run = 0
+        self.loop_passes: torch.LongTensor | None = None
+
+
 class LoopKVCache(Cache):
     def __init__(
         self,
         base_config: PretrainedConfig,
         encoder_layers: int,
         decoder_layers: int,
-        max_depth: int,
+        num_loops: int | None = None,
         kv_mode: str = "per_depth",
+        *,
+        max_depth: int | None = None,
     ):
-        if max_depth < 1:
-            raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+        num_loops = renamed_keyword("LoopKVCache", "max_depth", "num_loops", max_depth, num_loops)
+        if isinstance(num_loops, bool) or not isinstance(num_loops, numbers.Integral):
+            raise ValueError(f"num_loops must be an integer, got {num_loops!r} ({type(num_loops).__name__})")
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
         layer_types, layer_kwargs = get_layer_types_and_kwargs(base_config)
         num_layers = len(layer_types)
         reasoning = range(encoder_layers, num_layers - decoder_layers)
         self.kv_mode = kv_mode
-        self.max_depth = max_depth
+        self.num_loops = num_loops
         self.reasoning = reasoning
-        depths = max_depth if kv_mode == "per_depth" else 1
+        depths = num_loops if kv_mode == "per_depth" else 1
         slot_bases = list(range(encoder_layers))
         for _ in range(depths):
             slot_bases.extend(reasoning)
@@ -94,7 +114,7 @@ class LoopKVCache(Cache):
         layers = [DYNAMIC_LAYER_TYPE_MAPPING[layer_types[b]](**layer_kwargs[b]) for b in slot_bases]
         super().__init__(layers=layers)
         self.loop_passes: torch.LongTensor | None = None
-        self._latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's newest KV per block layer
+        self._forward: LoopForward | None = None  # the open `forward()` block, if any
 
     # -- addressing -------------------------------------------------------------------------------
 
@@ -104,19 +124,19 @@ class LoopKVCache(Cache):
             return layer_idx
         if layer_idx >= self.reasoning.stop:
             return self._encoder_layers + self._depths * len(self.reasoning) + layer_idx - self.reasoning.stop
-        if depth >= self.max_depth:
+        if depth >= self.num_loops:
             raise ValueError(
-                f"this cache holds {self.max_depth} loop depths but loop {depth + 1} was requested: "
-                "build the cache with a larger max_depth (the generation's num_loops)"
+                f"this cache holds {self.num_loops} loop depths but loop {depth + 1} was requested: "
+                "build the cache with a larger num_loops (the generation's num_loops)"
             )
         column = depth if self.kv_mode == "per_depth" else 0
         return self._encoder_layers + column * len(self.reasoning) + layer_idx - self.reasoning.start
 
     def check_budget(self, num_loops: int, kv_mode: str | None = None) -> None:
         """Refuse, before any work, a forward that needs more depths than this cache holds."""
-        if num_loops > self.max_depth:
+        if num_loops > self.num_loops:
             raise ValueError(
-                f"the cache was built for {self.max_depth} loops but num_loops={num_loops} was requested: "
+                f"the cache was built for {self.num_loops} loops but num_loops={num_loops} was requested: "
                 f"pass a cache from model.new_cache({num_loops}) or lower num_loops"
             )
         if kv_mode is not None and kv_mode != self.kv_mode:
@@ -158,17 +178,22 @@ class LoopKVCache(Cache):
             return self.update(key_states, value_states, layer_idx, *args, **kwargs)
         if depth is None:
             raise ValueError(f"layer {layer_idx} is a reasoning layer: the call must name its loop depth")
+        if self._forward is None:
+            raise ValueError("reasoning-layer KV is written inside `with cache.forward():` (LoopUSForCausalLM "
+                             "opens it for every forward)")
         slot = self.slot(layer_idx, depth)
+        latest = self._forward.latest
         if rows is None:
-            self._latest[layer_idx] = (key_states, value_states)
+            latest[layer_idx] = (key_states, value_states)
         else:  # exited rows keep their latest entry; the active rows bring their new one
-            latest_k, latest_v = self._latest[layer_idx]
-            self._latest[layer_idx] = (latest_k.index_copy(0, rows, key_states), latest_v.index_copy(0, rows, value_states))
+            latest_k, latest_v = latest[layer_idx]
+            latest[layer_idx] = (latest_k.index_copy(0, rows, key_states), latest_v.index_copy(0, rows, value_states))
+        self._forward.depths_run = max(self._forward.depths_run, depth + 1)
         if self.kv_mode == "shared":
-            # One slot for every depth: until `finish_loops` stores the deepest entry, each pass sees the
+            # One slot for every depth: until the forward block stores the deepest entry, each pass sees the
             # stored past plus its own new entry.
             return self._peek(slot, key_states, value_states, rows)
-        keys, values = super().update(*self._latest[layer_idx], slot, *args, **kwargs)
+        keys, values = super().update(*latest[layer_idx], slot, *args, **kwargs)
         if rows is not None:
             keys, values = keys.index_select(0, rows), values.index_select(0, rows)
         return keys, values
@@ -183,22 +208,28 @@ class LoopKVCache(Cache):
             keys, values = keys.index_select(0, rows), values.index_select(0, rows)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
-    def start_forward(self) -> None:
-        """Called by the model before the encoder of every forward: no KV of an earlier forward is pending."""
-        self._latest.clear()
-
-    def finish_loops(self, depths_run: int, passes: torch.LongTensor) -> None:
-        """After the loop: store the latest KV where no pass wrote it (the depths nobody ran; in shared mode
-        the one slot), and record per-token passes."""
-        first_unwritten = 0 if self.kv_mode == "shared" else depths_run
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[LoopForward]:
+        """One model forward's writes. Inside, the reasoning passes write through `at(depth, rows)`; the
+        forward sets the yielded state's `loop_passes` (batch, seq) once its loop is done. On leaving, the
+        newest KV is stored where no pass wrote it (the depths nobody ran; in shared mode the one slot)
+        and the passes are recorded; a forward that fails records no passes."""
+        if self._forward is not None:
+            raise RuntimeError("a forward is already writing to this cache: one forward at a time")
+        state = self._forward = LoopForward()
+        try:
+            yield state
+        finally:
+            self._forward = None
+        if state.loop_passes is None:
+            raise RuntimeError("the forward left `with cache.forward()` without setting loop_passes")
+        first_unwritten = 0 if self.kv_mode == "shared" else state.depths_run
         for depth in range(first_unwritten, self._depths):
             for layer_idx in self.reasoning:
-                if layer_idx in self._latest:
-                    keys, values = self._latest[layer_idx]
-                    super().update(keys, values, self.slot(layer_idx, depth))
-        passes = passes.to(torch.long)
+                if layer_idx in state.latest:
+                    super().update(*state.latest[layer_idx], self.slot(layer_idx, depth))
+        passes = state.loop_passes.to(torch.long)
         self.loop_passes = passes if self.loop_passes is None else torch.cat([self.loop_passes, passes], dim=-1)
-        self._latest.clear()
 
     # -- what users and `generate` need -----------------------------------------------------------
 
@@ -221,7 +252,7 @@ class LoopKVCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.loop_passes = None
-        self.start_forward()
+        self._forward = None
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

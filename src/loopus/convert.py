@@ -9,9 +9,10 @@ from typing import Sequence
 
 from transformers import PreTrainedModel
 
-from .config import CALIBRATION_TOKENS, SUPPORTED_MODEL_TYPES, LoopUSConfig, SplitError
+from .config import SUPPORTED_MODEL_TYPES, LoopUSConfig, SplitError
 from .errors import LoopUSError
 from .modeling import LoopUSForCausalLM
+from .zoo import load_base
 
 
 class UnsupportedArchitectureError(LoopUSError, ValueError):
@@ -80,7 +81,7 @@ def _as_count(layers: int | Sequence[int], num_layers: int, side: str) -> int:
     return len(indices)
 
 
-def resolve_split(
+def split_counts(
     num_layers: int, encoder_layers: int | Sequence[int], decoder_layers: int | Sequence[int]
 ) -> tuple[int, int]:
     """Validate a split and return (encoder count, decoder count); the reasoning block is what lies between."""
@@ -90,59 +91,11 @@ def resolve_split(
     return int(num_encoder), int(num_decoder)
 
 
-def _resolve_auto_split(
-    base_model: PreTrainedModel,
-    tokenizer,
-    split,
-    data,
-    calibration,
-    calibration_tokens: int,
-    constraints,
-) -> tuple[int, int, dict | None]:
-    """(encoder, decoder, analysis) for `split` = "auto", a split.json path, or an (encoder, decoder) pair."""
-    from .dynamics import analyze
-    from .split import load_split
-
-    if isinstance(split, (tuple, list)):
-        if len(split) != 2:
-            raise SplitError(f"split must be 'auto', a split.json path or (encoder, decoder), got {split!r}")
-        return int(split[0]), int(split[1]), None
-    if isinstance(split, str) and split == "auto":
-        if tokenizer is None:
-            source = getattr(base_model.config, "_name_or_path", "")
-            if source and os.path.isdir(source):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(source)
-            else:
-                raise ValueError("split='auto' runs the base model on calibration text: pass tokenizer=")
-        analysis = analyze(
-            base_model,
-            tokenizer,
-            data=data,
-            calibration=calibration,
-            tokens=calibration_tokens,
-            constraints=constraints,
-            progress=False,
-        )
-        return analysis["split"]["encoder_layers"], analysis["split"]["decoder_layers"], analysis
-    if isinstance(split, (str, os.PathLike)):
-        encoder, decoder = load_split(split)
-        return encoder, decoder, None
-    raise SplitError(f"split must be 'auto', a split.json path or (encoder, decoder), got {split!r}")
-
-
 def convert(
     base_model: PreTrainedModel | str | os.PathLike,
-    encoder_layers: int | Sequence[int] | str | None = None,
-    decoder_layers: int | Sequence[int] | None = None,
+    encoder_layers: int | Sequence[int],
+    decoder_layers: int | Sequence[int],
     *,
-    split: str | os.PathLike | tuple[int, int] | None = None,
-    tokenizer=None,
-    data: str | os.PathLike | None = None,
-    calibration: str | os.PathLike | None = None,
-    calibration_tokens: int = CALIBRATION_TOKENS,
-    constraints=None,
     num_loops: int | None = None,
     gate_rank: int | None = None,
     gate_init: float | None = None,
@@ -154,40 +107,23 @@ def convert(
     """Wrap `base_model` as encoder (first layers) -> looped reasoning block -> decoder (last layers).
 
     `encoder_layers` / `decoder_layers` are counts ("the first/last N layers") or explicit index lists.
-    Instead of them, `split` may be "auto" (measure the base model's representation dynamics on
-    calibration text from `data`/`calibration` and choose the split, see `loopus.dynamics`), the path
-    of a split.json written by `loopus analyze`, or an (encoder, decoder) pair; `encoder_layers="auto"`
-    is the same as `split="auto"`. An automatic choice is kept on the model as `model.split_analysis`.
-    `base_model` may also be an embedded name, a checkpoint directory or a hub id. The returned model
-    shares the base model's modules: with `num_loops=1` it computes exactly the base model.
-    `num_loops`, `gate_rank`, `gate_init`, `kv_mode` and `depth_lora_rank`/`_alpha`/`_count` are stored
-    in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
+    To choose them from the base model's representation dynamics ("auto") or a split.json, use
+    `loopus.dynamics.convert_auto`. `base_model` may also be an embedded name, a checkpoint directory or
+    a hub id. The returned model shares the base model's modules: with `num_loops=1` it computes exactly
+    the base model. `num_loops`, `gate_rank`, `gate_init`, `kv_mode` and `depth_lora_rank`/`_alpha`/`_count`
+    are stored in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
     `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
-    if isinstance(encoder_layers, str):
-        if encoder_layers != "auto":
-            raise SplitError(f"encoder_layers must be a count, an index list or 'auto', got {encoder_layers!r}")
-        if split is not None and split != "auto":
-            raise SplitError("encoder_layers='auto' conflicts with split=...")
-        if decoder_layers is not None:
-            raise SplitError("encoder_layers='auto' chooses the decoder too: leave decoder_layers out")
-        split, encoder_layers = "auto", None
-    if split is not None and (encoder_layers is not None or decoder_layers is not None):
-        raise SplitError("give either split=... or encoder_layers/decoder_layers, not both")
-    if split is None and (encoder_layers is None or decoder_layers is None):
-        raise SplitError("give encoder_layers and decoder_layers, or split='auto' (or a split.json path)")
+    for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        if isinstance(layers, (str, os.PathLike)):
+            raise SplitError(
+                f"{side}_layers must be a layer count (an int) or an index list, got {layers!r}: to choose the "
+                "split automatically or read a split.json, use loopus.dynamics.convert_auto(base, split)"
+            )
     if not isinstance(base_model, PreTrainedModel):
-        from .zoo import load_base
-
-        base_model, loaded_tokenizer = load_base(base_model)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        base_model, _ = load_base(base_model)
     check_supported(base_model)
-    analysis = None
-    if split is not None:
-        encoder_layers, decoder_layers, analysis = _resolve_auto_split(
-            base_model, tokenizer, split, data, calibration, calibration_tokens, constraints
-        )
-    num_encoder, num_decoder = resolve_split(base_model.config.num_hidden_layers, encoder_layers, decoder_layers)
+    num_encoder, num_decoder = split_counts(base_model.config.num_hidden_layers, encoder_layers, decoder_layers)
     options = dict(num_loops=num_loops, gate_rank=gate_rank, gate_init=gate_init, kv_mode=kv_mode,
                    depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha,
                    depth_lora_count=depth_lora_count)
@@ -204,7 +140,6 @@ def convert(
     )
     model = LoopUSForCausalLM(config, base_model=base_model)
     model.generation_config = copy.deepcopy(base_model.generation_config)
-    model.split_analysis = analysis
     return model.to(base_model.dtype).train(base_model.training)
 
 

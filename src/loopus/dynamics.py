@@ -14,7 +14,8 @@ where p_lens(h) = softmax(lm_head(final_norm(h))) (with the model's logit soft-c
 position of every window (BOS, an attention sink with an outsized norm) is left out.
 
 `loopus.split.choose_split` turns the curves into (encoder, decoder) layer counts; see its docstring
-for the algorithm. `analyze` is both steps plus `split.json` and the PNG, as used by `loopus analyze`.
+for the algorithm. `analyze` is both steps plus `split.json` and the PNG, as used by `loopus analyze`;
+`resolve_split` and `convert_auto` take a split given as "auto", a split.json or a pair to `convert`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
-from .config import CALIBRATION_TOKENS
-from .modeling import soft_cap
-from .plotting import pyplot, save_figure
-from .split import SplitChoice, SplitConstraints, choose_split
+from .config import CALIBRATION_TOKENS, SplitError
+from .convert import convert
+from .dynamics_plot import plot_dynamics
+from .modeling import LoopUSForCausalLM, soft_cap
+from .paths import data_path
+from .split import SplitConstraints, choose_split, load_split
 from .text import read_documents, token_windows
+from .zoo import load_base
 
 DEFAULT_CALIBRATION = ("enwiki/valid.jsonl", "wikitext2/tokenized/valid.txt", "eltec_eng/valid.jsonl")
 
@@ -52,8 +58,6 @@ def calibration_text(
     `data` may also be a single `.jsonl`/`.txt` file: then that file is the calibration text (and a
     relative `file` is looked for next to it).
     """
-    from .paths import data_path
-
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_absolute() and not path.exists():
@@ -154,8 +158,6 @@ def measure_dynamics(
     0 turns it off. Consecutive-layer CKA uses at most `cka_max_positions` positions, the all-pairs CKA
     matrix at most `cka_positions`.
     """
-    from tqdm.auto import tqdm
-
     windows = [list(map(int, w)) for w in input_ids]
     windows = [w for w in windows if len(w) > skip_first]
     if not windows:
@@ -263,86 +265,6 @@ def measure_dynamics(
     return metrics
 
 
-# -- the plot ----------------------------------------------------------------------------------------
-
-
-def plot_dynamics(
-    metrics: dict[str, Any], choice: SplitChoice, path: str | os.PathLike, title: str = ""
-) -> None:
-    """Per-layer curves with the encoder / reasoning / decoder stages shaded, plus the layer-by-layer CKA map."""
-    plt = pyplot()
-    L = choice.num_layers
-    x = np.arange(L)
-    panels = [
-        ("cosine", "cosine similarity cos(h_l, h_l+1)", False),
-        ("relative_update", "relative update ||h_l+1 - h_l|| / ||h_l||", True),
-        ("cka", "linear CKA(h_l, h_l+1)", False),
-        ("lens_kl", "logit lens: KL(final || lens(h_l+1)), nats", True),
-        ("lens_step_kl", "logit lens: KL(lens(h_l+1) || lens(h_l)), nats", True),
-        ("lens_top1", "logit lens: top-1 agrees with final", False),
-    ]
-    panels = [p for p in panels if p[0] in metrics]
-    fig = plt.figure(figsize=(15, 9.5))
-    grid = fig.add_gridspec(3, 3, width_ratios=[1, 1, 1.05])
-    e, d = choice.encoder_layers, choice.decoder_layers
-    stages = [
-        (-0.5, e - 0.5, "#f4a261", f"encoder ({e})"),
-        (e - 0.5, L - d - 0.5, "#8ecae6", f"reasoning, looped ({L - e - d})"),
-        (L - d - 0.5, L - 0.5, "#b5e48c", f"decoder ({d})"),
-    ]
-
-    def shade(ax):
-        for lo, hi, colour, name in stages:
-            if hi > lo:
-                ax.axvspan(lo, hi, color=colour, alpha=0.35, label=name, lw=0)
-
-    def curve(ax, values, label, logy):
-        shade(ax)
-        values = np.asarray(values, dtype=float)
-        if logy and np.any(values > 0):
-            values = np.where(values > 0, values, np.nan)  # a log axis leaves out exact zeros (the last lens KL)
-            ax.set_yscale("log")
-        ax.plot(x, values, marker="o", ms=3.5, color="#1d3557", lw=1.5)
-        ax.set_title(label, fontsize=9.5)
-        ax.grid(True, alpha=0.3)
-        ax.set_xlim(-0.5, L - 0.5)
-        ax.set_xticks(x if L <= 40 else x[:: max(1, L // 20)])
-        ax.tick_params(labelsize=7.5)
-
-    axes = [fig.add_subplot(grid[i // 2, i % 2]) for i in range(len(panels))]
-    for ax, (key, label, logy) in zip(axes, panels):
-        curve(ax, metrics[key], label, logy)
-    for ax in axes[-2:]:
-        ax.set_xlabel("layer l (transition h_l -> h_l+1)", fontsize=9)
-    score_ax = fig.add_subplot(grid[0, 2])
-    curve(score_ax, choice.change_score, "change score used for the split (log ratio to median)", False)
-    score_ax.axhline(0, color="grey", lw=0.8)
-    if "cka_matrix" in metrics:
-        ax = fig.add_subplot(grid[1:, 2])
-        matrix = np.asarray(metrics["cka_matrix"], dtype=float)
-        image = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1, origin="upper")
-        for boundary in (e, L - d):
-            ax.axhline(boundary, color="#00b4d8", lw=1.2, ls="--")
-            ax.axvline(boundary, color="#00b4d8", lw=1.2, ls="--")
-        ax.set_title("linear CKA between states h_i, h_j (dashed: loop input h_e, output h_L-d)", fontsize=9)
-        ax.set_xlabel("state j (h_0 = embeddings)", fontsize=9)
-        ax.set_ylabel("state i", fontsize=9)
-        ticks = list(range(0, L + 1, 1 if L <= 20 else max(2, L // 10)))
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.tick_params(labelsize=7.5)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=3, fontsize=10, frameon=False)
-    fig.suptitle(
-        f"{title}: staged representation dynamics. Split: encoder {e} / reasoning {L - e - d} / decoder {d}".strip(": "),
-        x=0.01,
-        ha="left",
-        fontsize=12,
-    )
-    save_figure(fig, path, rect=(0, 0, 1, 0.95))
-
-
 # -- end to end ----------------------------------------------------------------------------------------
 
 
@@ -369,8 +291,6 @@ def analyze(
     if window < 3:
         raise ValueError(f"window must be >= 3, got {window}")
     if not isinstance(base_model, torch.nn.Module):
-        from .zoo import load_base
-
         name = name or str(base_model)
         base_model, tokenizer = load_base(base_model)
     if tokenizer is None:
@@ -412,4 +332,65 @@ def analyze(
         plot_dynamics(metrics, choice, out / "dynamics.png", title=str(result["model"]))
         result["files"] = [str(out / "split.json"), str(out / "dynamics.png")]
     return result
+
+
+# -- a split given as "auto", a split.json or a pair -----------------------------------------------------
+
+
+SplitSpec = str | os.PathLike | tuple[int, int] | list[int]
+
+
+def resolve_split(
+    base_model: torch.nn.Module,
+    split: SplitSpec,
+    tokenizer: Any = None,
+    *,
+    data: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_tokens: int = CALIBRATION_TOKENS,
+    constraints: SplitConstraints | None = None,
+) -> tuple[int, int, dict[str, Any] | None]:
+    """(encoder, decoder, analysis) for `split`: "auto" (`analyze` on calibration text; the analysis is
+    returned), a split.json path (or its directory) or an (encoder, decoder) pair (analysis None).
+    `convert` checks the counts; nothing here rounds them."""
+    if isinstance(split, (tuple, list)):
+        if len(split) != 2:
+            raise SplitError(f"split must be 'auto', a split.json path or (encoder, decoder), got {split!r}")
+        return split[0], split[1], None
+    if isinstance(split, str) and split == "auto":
+        if tokenizer is None:
+            source = getattr(base_model.config, "_name_or_path", "")
+            if not (source and os.path.isdir(source)):
+                raise ValueError("split='auto' runs the base model on calibration text: pass tokenizer=")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        analysis = analyze(base_model, tokenizer, data=data, calibration=calibration, tokens=calibration_tokens,
+                           constraints=constraints, progress=False)
+        return analysis["split"]["encoder_layers"], analysis["split"]["decoder_layers"], analysis
+    if isinstance(split, (str, os.PathLike)):
+        return *load_split(split), None
+    raise SplitError(f"split must be 'auto', a split.json path or (encoder, decoder), got {split!r}")
+
+
+def convert_auto(
+    base_model: Any,
+    split: SplitSpec = "auto",
+    tokenizer: Any = None,
+    *,
+    data: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_tokens: int = CALIBRATION_TOKENS,
+    constraints: SplitConstraints | None = None,
+    **options: Any,
+) -> LoopUSForCausalLM:
+    """`convert` with the split from `resolve_split`; an automatic choice is kept as `model.split_analysis`.
+
+    `base_model` is a model or anything `loopus.zoo.load_base` accepts; `options` are `convert`'s."""
+    if not isinstance(base_model, torch.nn.Module):
+        base_model, loaded = load_base(base_model)
+        tokenizer = tokenizer if tokenizer is not None else loaded
+    encoder, decoder, analysis = resolve_split(base_model, split, tokenizer, data=data, calibration=calibration,
+                                               calibration_tokens=calibration_tokens, constraints=constraints)
+    model = convert(base_model, encoder, decoder, **options)
+    model.split_analysis = analysis
+    return model
 

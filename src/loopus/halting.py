@@ -1,7 +1,7 @@
 """The confidence head and the per-token exit strategies used for adaptive depth.
 
 A token stops looping after pass n (1-based) when n >= min_loops and its strategy says so, or when
-n == max_loops (the budget, `num_loops`). Strategies, chosen per call (`exit_strategy=`):
+n == num_loops (the budget). Strategies, chosen per call (`exit_strategy=`):
 
     threshold    q_n >= threshold, q_n the confidence head's probability on the gated state h_n
     cdf          1 - prod_{s<=n} (1 - q_s) >= threshold: the cumulative halting probability
@@ -18,13 +18,26 @@ initialisation it says 0.5 for every token). `convergence` and `kl` work on an u
 from __future__ import annotations
 
 from dataclasses import dataclass
+import numbers
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import initialization as init
 
-STRATEGIES = ("threshold", "cdf", "convergence", "kl")
-DEFAULT_THRESHOLDS = {"threshold": 0.9, "cdf": 0.9, "convergence": 0.05, "kl": 0.01}
+from .config import check_int, check_num_loops
+from .deprecation import renamed_keyword
+from .options import DEFAULT_THRESHOLDS, EXIT_STRATEGIES
+
+STRATEGIES = EXIT_STRATEGIES
+
+
+def check_threshold(value: Any) -> float:
+    """An exit threshold: a real number (a string or a bool is refused, not converted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"exit_threshold must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 class ConfidenceHead(nn.Module):
@@ -50,37 +63,46 @@ class ConfidenceHead(nn.Module):
 
 @dataclass(frozen=True)
 class ExitRule:
-    """A validated exit strategy for one call: strategy, threshold and the loop range [min_loops, max_loops]."""
+    """A validated exit strategy for one call: strategy, threshold and the loop range [min_loops, num_loops]."""
 
     strategy: str
     threshold: float
     min_loops: int
-    max_loops: int
+    num_loops: int
 
     @classmethod
     def build(
-        cls, strategy: str | None, threshold: float | None, min_loops: int | None, max_loops: int
+        cls, strategy: str | None, threshold: float | None, min_loops: int | None, num_loops: int | None = None,
+        *, max_loops: int | None = None,
     ) -> "ExitRule | None":
         """None (fixed depth) when no strategy is given; otherwise check every knob and fill defaults."""
+        num_loops = check_num_loops(renamed_keyword("ExitRule.build", "max_loops", "num_loops", max_loops, num_loops))
+        if min_loops is not None:
+            min_loops = check_int(min_loops, "min_loops", 1)
         if strategy is None or strategy == "none":
             if threshold is not None:
                 raise ValueError("exit_threshold was given without an exit_strategy")
-            if min_loops is not None and min_loops > max_loops:
-                raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops={max_loops}")
+            if min_loops is not None and min_loops > num_loops:
+                raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops={num_loops}")
             return None
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown exit_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        min_loops = 1 if min_loops is None else int(min_loops)
-        if min_loops < 1:
-            raise ValueError(f"min_loops must be >= 1, got {min_loops}")
-        if min_loops > max_loops:
-            raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops (max loops)={max_loops}")
-        threshold = DEFAULT_THRESHOLDS[strategy] if threshold is None else float(threshold)
+        min_loops = 1 if min_loops is None else min_loops
+        if min_loops > num_loops:
+            raise ValueError(f"min_loops={min_loops} is larger than the budget num_loops (max loops)={num_loops}")
+        threshold = DEFAULT_THRESHOLDS[strategy] if threshold is None else check_threshold(threshold)
         if strategy in ("threshold", "cdf") and not 0.0 < threshold <= 1.0:
             raise ValueError(f"exit_threshold for {strategy!r} is a probability in (0, 1], got {threshold}")
         if strategy in ("convergence", "kl") and threshold < 0.0:
             raise ValueError(f"exit_threshold for {strategy!r} must be >= 0, got {threshold}")
-        return cls(strategy, threshold, min_loops, max_loops)
+        return cls(strategy, threshold, min_loops, num_loops)
+
+    @property
+    def max_loops(self) -> int:
+        """Deprecated name of `num_loops`."""
+        warnings.warn("ExitRule.max_loops is deprecated and will be removed: use num_loops", DeprecationWarning,
+                      stacklevel=2)
+        return self.num_loops
 
     @property
     def needs_distribution(self) -> bool:

@@ -27,6 +27,7 @@ met it. A forward that asks for adaptive exit where it could never apply (no cac
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -44,6 +45,7 @@ from .cache import CacheView, LoopKVCache
 from .checkpoint import load_checked
 from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD, cache_kwarg
 from .config import LoopUSConfig, check_int, check_num_loops
+from .deprecation import renamed_keyword
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
 
@@ -204,15 +206,13 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
         """Token embeddings (with the base model's own scaling, e.g. Gemma's sqrt(hidden))."""
         return self.get_input_embeddings()(input_ids)
 
-    def new_cache(self, max_depth: int | None = None, kv_mode: str | None = None) -> LoopKVCache:
-        """An empty loop-aware KV cache for up to `max_depth` loops."""
-        return LoopKVCache(
-            self.config.base_config,
-            self.config.encoder_layers,
-            self.config.decoder_layers,
-            self.config.num_loops if max_depth is None else max_depth,
-            kv_mode or self.config.kv_mode,
-        )
+    def new_cache(self, num_loops: int | None = None, kv_mode: str | None = None, *,
+                  max_depth: int | None = None) -> LoopKVCache:
+        """An empty loop-aware KV cache for up to `num_loops` loops (default: the config's)."""
+        num_loops = renamed_keyword("new_cache", "max_depth", "num_loops", max_depth, num_loops)
+        num_loops = self.config.num_loops if num_loops is None else check_num_loops(num_loops)
+        cfg = self.config
+        return LoopKVCache(cfg.base_config, cfg.encoder_layers, cfg.decoder_layers, num_loops, kv_mode or cfg.kv_mode)
 
     def layer_context(
         self,
@@ -390,26 +390,24 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
             )
 
         ctx = self.layer_context(inputs_embeds, attention_mask, position_ids, past_key_values)
-        if past_key_values is not None:
-            past_key_values.start_forward()
-        state = self.encode(inputs_embeds, ctx, **kwargs)
-
-        batch, seq = state.shape[:2]
-        tracker = None
-        if exit_rule is not None and ((seq == 1 and decode_step) or prefill_exit):
-            tracker = ExitTracker(exit_rule, batch, seq, state.device, attention_mask)
         loop_states, confidences, gate_coefficients = [], [], []
-        for step in self.run_loop(state, ctx, num_loops, tracker, **kwargs):
-            state = step.state
-            if output_loop_states:
-                loop_states.append(state)
-                confidences.append(self.confidence_head(state))
-                if step.gate is not None:
-                    gate_coefficients.append(step.full_batch_gate())
-        passes = tracker.passes if tracker is not None else torch.full((batch,), step.loops, device=state.device)
-        loop_passes = passes.unsqueeze(-1).expand(batch, seq)
-        if past_key_values is not None:
-            past_key_values.finish_loops(step.loops, loop_passes)
+        with past_key_values.forward() if past_key_values is not None else contextlib.nullcontext() as writes:
+            state = self.encode(inputs_embeds, ctx, **kwargs)
+            batch, seq = state.shape[:2]
+            tracker = None
+            if exit_rule is not None and ((seq == 1 and decode_step) or prefill_exit):
+                tracker = ExitTracker(exit_rule, batch, seq, state.device, attention_mask)
+            for step in self.run_loop(state, ctx, num_loops, tracker, **kwargs):
+                state = step.state
+                if output_loop_states:
+                    loop_states.append(state)
+                    confidences.append(self.confidence_head(state))
+                    if step.gate is not None:
+                        gate_coefficients.append(step.full_batch_gate())
+            passes = tracker.passes if tracker is not None else torch.full((batch,), step.loops, device=state.device)
+            loop_passes = passes.unsqueeze(-1).expand(batch, seq)
+            if writes is not None:
+                writes.loop_passes = loop_passes
 
         hidden = self.decode(state, ctx, **kwargs)
         logits = self.lm_logits(slice_logits_to_keep(hidden, logits_to_keep))
@@ -445,7 +443,5 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
                     "candidates are verified in multi-token forwards at the full loop budget"
                 )
         if model_kwargs.get(GENERATION_CACHE_KWARG) is None and generation_config.use_cache is not False:
-            model_kwargs[GENERATION_CACHE_KWARG] = self.new_cache(
-                model_kwargs.get("num_loops"), model_kwargs.get("kv_mode")
-            )
+            model_kwargs[GENERATION_CACHE_KWARG] = self.new_cache(model_kwargs.get("num_loops"), model_kwargs.get("kv_mode"))
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 DATA_ENV = "LOOPUS_DATA"
@@ -53,18 +51,3 @@ def data_file(relative: str, override: str | os.PathLike | None = None) -> Path:
     if not (root / relative).exists():
         raise FileNotFoundError(f"{relative} not found in the data directory {root}")
     return root / relative
-
-
-@contextlib.contextmanager
-def restored_data_env() -> Iterator[None]:
-    """Put `$LOOPUS_DATA` back as it was on leaving. The commands point it at their `--data` (lm-eval's
-    offline task loaders read it); a command run in-process (a notebook, a test) must not leave the
-    caller's later evaluations reading that directory."""
-    saved = os.environ.get(DATA_ENV)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(DATA_ENV, None)
-        else:
-            os.environ[DATA_ENV] = saved

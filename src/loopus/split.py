@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,11 +83,6 @@ class SplitChoice:
     def reasoning_layers(self) -> tuple[int, int]:
         """First and last base-layer index of the reasoning block (inclusive)."""
         return self.encoder_layers, self.num_layers - self.decoder_layers - 1
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["reasoning_layers"] = list(self.reasoning_layers)
-        return out
 
 
 def change_signals(
@@ -249,9 +244,12 @@ def load_split(path: str | os.PathLike) -> tuple[int, int]:
         raise FileNotFoundError(f"split file {path} not found (run `loopus analyze` first)")
     try:
         split = json.loads(path.read_text())["split"]
-        return int(split["encoder_layers"]), int(split["decoder_layers"])
+        counts = split["encoder_layers"], split["decoder_layers"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a split.json written by loopus analyze ({err})") from None
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
+        raise SplitError(f"{path}: encoder_layers and decoder_layers must be layer counts (integers), got {counts}")
+    return counts
 
 
 def choice_from_result(result: dict[str, Any]) -> SplitChoice:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import CALIBRATION_TOKENS
-from ..split import SplitConstraints
+HELP = "measure per-layer representation dynamics and choose the encoder/reasoning/decoder split"
 
 
 def add_constraint_arguments(p: argparse.ArgumentParser) -> None:
+    from ..split import SplitConstraints
+
     defaults = SplitConstraints()
     g = p.add_argument_group("split constraints")
     g.add_argument("--min-encoder", type=int, default=defaults.min_encoder,
@@ -21,11 +22,14 @@ def add_constraint_arguments(p: argparse.ArgumentParser) -> None:
         default=defaults.min_reasoning,
         help="fewest reasoning layers: a count (>= 1) or a share of all layers (< 1; default %(default)s)",
     )
-    g.add_argument("--max-encoder", type=int, default=None, help="most encoder layers")
-    g.add_argument("--max-decoder", type=int, default=None, help="most decoder layers")
+    g.add_argument("--max-encoder", type=int, default=None, help="most encoder layers (default: no limit)")
+    g.add_argument("--max-decoder", type=int, default=None, help="most decoder layers (default: no limit)")
 
 
-def constraints_from(args: argparse.Namespace) -> SplitConstraints:
+def constraints_from(args: argparse.Namespace):
+    """The `loopus.split.SplitConstraints` of the flags `add_constraint_arguments` adds."""
+    from ..split import SplitConstraints
+
     if args.min_reasoning <= 0:
         raise ValueError(f"--min-reasoning must be > 0, got {args.min_reasoning}")
     if args.min_reasoning >= 1 and args.min_reasoning != int(args.min_reasoning):
@@ -41,6 +45,8 @@ def constraints_from(args: argparse.Namespace) -> SplitConstraints:
 
 def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--data, --calibration, --tokens: the text the split analysis reads (`analyze`, `convert --split auto`)."""
+    from ..config import CALIBRATION_TOKENS  # its default is shown in the help (only when the verb is built)
+
     p.add_argument("--data", default=None,
                    help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")
     p.add_argument(
@@ -55,7 +61,7 @@ def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "analyze",
-        help="measure per-layer representation dynamics and choose the encoder/reasoning/decoder split",
+        help=HELP,
         description="Runs the base model on calibration text, measures per layer the cosine similarity of "
         "consecutive hidden states, the relative update norm, linear CKA and the logit-lens KL, chooses "
         "(encoder, decoder) layer counts by three-segment change-point detection, and writes split.json and "

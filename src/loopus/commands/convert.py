@@ -10,10 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cache import KV_MODES
 from ..checkpoint import check_model_path, is_loopus_checkpoint
-from ..config import LoopUSConfig
+from ..options import KV_MODES
 from .analyze import add_calibration_arguments, add_constraint_arguments, constraints_from
+
+HELP = "recast a pretrained causal LM as a LoopUS model"
 
 SPLIT_HELP = ("'auto' (analyze the base model on calibration text from --data and choose), a split.json "
               "from `loopus analyze`, or E,D counts")
@@ -38,20 +39,22 @@ def parse_split(text: str) -> str | tuple[int, int]:
 
 
 def add_split_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="count N, or indices 0,1,2")
-    p.add_argument("--decoder-layers", type=parse_layers, default=None, help="count N, or indices 15,16,17")
+    p.add_argument("--encoder-layers", type=parse_layers, default=None, help="count N, or indices 0,1,2 (default: none)")
+    p.add_argument("--decoder-layers", type=parse_layers, default=None,
+                   help="count N, or indices 15,16,17 (default: none)")
     p.add_argument("--split", type=parse_split, default=None,
-                   help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP}")
+                   help=f"instead of --encoder-layers/--decoder-layers: {SPLIT_HELP} (default: none)")
 
 
-def split_arguments(args: argparse.Namespace) -> dict | None:
-    """`convert`'s split keywords from --split or --encoder-layers/--decoder-layers; None if none is given."""
-    layers = {"encoder_layers": args.encoder_layers, "decoder_layers": args.decoder_layers}
-    given = [value is not None for value in layers.values()]
+def split_arguments(args: argparse.Namespace) -> str | tuple | None:
+    """The split (as `loopus.dynamics.resolve_split` takes it) from --split or --encoder-layers/--decoder-layers;
+    None if none is given."""
+    layers = (args.encoder_layers, args.decoder_layers)
+    given = [value is not None for value in layers]
     if args.split is not None:
         if any(given):
             raise ValueError("give either --split or --encoder-layers/--decoder-layers, not both")
-        return {"split": args.split}
+        return args.split
     if not any(given):
         return None
     if not all(given):
@@ -76,7 +79,7 @@ def load_model(args: argparse.Namespace):
     """
     from transformers import AutoTokenizer
 
-    from ..convert import convert
+    from ..dynamics import convert_auto
     from ..modeling import LoopUSForCausalLM
     from ..zoo import load_base
 
@@ -101,21 +104,22 @@ def load_model(args: argparse.Namespace):
     base, tokenizer = load_base(args.model)
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    return convert(base, **split, tokenizer=tokenizer, data=args.data).eval(), tokenizer
+    return convert_auto(base, split, tokenizer, data=args.data).eval(), tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import LoopUSConfig  # its defaults are shown in the help (only when this verb is built)
+
     defaults = LoopUSConfig()
-    p = subparsers.add_parser("convert", help="recast a pretrained causal LM as a LoopUS model")
+    p = subparsers.add_parser("convert", help=HELP)
     p.add_argument("base", help="embedded name (gemma-3-270m), checkpoint directory or hub id")
     add_split_arguments(p)
     p.add_argument("--out", required=True, help="output directory (save_pretrained format)")
-    p.add_argument("--num-loops", type=int, default=defaults.num_loops,
-                   help="default loop count stored in the config (default %(default)s)")
-    p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="default %(default)s")
+    p.add_argument("--num-loops", type=int, default=defaults.num_loops, help="default loop count stored in the config")
+    p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="bottleneck width of the selective gate")
     p.add_argument("--gate-init", type=float, default=defaults.gate_init,
                    help="gate share at init; %(default)s keeps every loop count near the base model (0.5: the paper's)")
-    p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode)
+    p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode, help="KV cache layout stored in the config")
     p.add_argument("--depth-lora-rank", type=int, default=defaults.depth_lora_rank,
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
     p.add_argument("--depth-lora-alpha", type=float, default=defaults.depth_lora_alpha,
@@ -129,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert
+    from ..dynamics import convert_auto, plot_dynamics
+    from ..split import choice_from_result
     from ..zoo import check_base_exists, load_base
 
     check_base_exists(args.base)  # a mistyped path is named first, before the other arguments
@@ -141,17 +146,14 @@ def run(args: argparse.Namespace) -> int:
         calibration = dict(data=args.data, calibration=args.calibration, calibration_tokens=args.tokens,
                            constraints=constraints_from(args))
     base, tokenizer = load_base(args.base)
-    model = convert(base, **split, tokenizer=tokenizer, **calibration, num_loops=args.num_loops,
-                    gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
-                    depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
-                    depth_lora_count=args.depth_lora_count)
+    model = convert_auto(base, split, tokenizer, **calibration, num_loops=args.num_loops,
+                         gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
+                         depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
+                         depth_lora_count=args.depth_lora_count)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config
     if model.split_analysis is not None:
-        from ..dynamics import plot_dynamics
-        from ..split import choice_from_result
-
         analysis = model.split_analysis
         (Path(args.out) / "split.json").write_text(json.dumps(analysis, indent=2))
         plot_dynamics(analysis["metrics"], choice_from_result(analysis), Path(args.out) / "dynamics.png", args.base)

@@ -12,38 +12,54 @@ import json
 import sys
 from pathlib import Path
 
-from ..cache import KV_MODES
-from ..compat import GENERATION_CACHE_KWARG
-from ..halting import STRATEGIES
+from ..deprecation import add_old_flag
+from ..options import EXIT_STRATEGIES, KV_MODES
 from .convert import add_model_arguments, load_model
 
+HELP = "generate text with looped decoding and adaptive exit"
 COLOURS = {1: 32, 2: 36, 3: 34, 4: 35}  # ANSI: green, cyan, blue, magenta; deeper loops are red
+COLOUR_NAMES = {32: "green", 36: "cyan", 34: "blue", 35: "magenta", 31: "red"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text with looped decoding and adaptive exit")
+    p = subparsers.add_parser("generate", help=HELP)
     add_model_arguments(p)
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
-    p.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the model's num_loops)")
-    p.add_argument("--min-loops", type=int, default=None, help="fewest loops before a token may exit")
-    p.add_argument("--strategy", choices=["none", *STRATEGIES], default="none", help="per-token exit strategy")
-    p.add_argument("--threshold", type=float, default=None, help="exit threshold (default depends on the strategy)")
+    loops = p.add_argument("--num-loops", type=int, default=None, help="loop budget (default: the model's num_loops)")
+    p.add_argument("--min-loops", type=int, default=None, help="fewest loops before a token may exit (default: 1)")
+    strategy = p.add_argument("--exit-strategy", choices=["none", *EXIT_STRATEGIES], default="none",
+                              help="per-token exit strategy")
+    threshold = p.add_argument("--exit-threshold", type=float, default=None,
+                               help="exit threshold (default: the strategy's own)")
     p.add_argument("--prefill-exit", action="store_true", help="apply the exit rule to the prompt too (per sequence)")
     p.add_argument("--kv-mode", choices=KV_MODES, default=None, help="KV cache layout (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling share (default: the model's)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none)")
     p.add_argument(
         "--show-loops",
         choices=["off", "number", "color"],
         default="off",
-        help="mark each generated token with its loop count: [n] after it, or an ANSI colour",
+        help="mark each generated token with its loop count: [n] after it, or an ANSI colour with a legend "
+        "(on a terminal; [n] when the output is piped)",
     )
     p.add_argument("--stats-json", default=None, help="also write the loop statistics to this JSON file")
+    add_old_flag(p, "--max-loops", loops)
+    add_old_flag(p, "--strategy", strategy)
+    add_old_flag(p, "--threshold", threshold)
     p.set_defaults(handler=run)
+
+
+def colour_legend(num_loops: int) -> str:
+    """Which colour marks which loop count, each in its colour."""
+    shown = [(str(n), code) for n, code in sorted(COLOURS.items()) if n <= num_loops]
+    if num_loops > max(COLOURS):
+        shown.append((f"{max(COLOURS) + 1}+", 31))
+    return "[loops] colour = loop count: " + ", ".join(
+        f"\033[{code}m{label} {COLOUR_NAMES[code]}\033[0m" for label, code in shown)
 
 
 class LoopStreamer:
@@ -55,7 +71,10 @@ class LoopStreamer:
 
     def __init__(self, tokenizer, cache, show: str, out=None):
         # sys.stdout is read when streaming starts, not at import (it may have been replaced since)
-        self.tokenizer, self.cache, self.show, self.out = tokenizer, cache, show, out or sys.stdout
+        self.tokenizer, self.cache, self.out = tokenizer, cache, out or sys.stdout
+        # colour codes in a file or a pipe are noise: there the marker form is used instead
+        is_terminal = getattr(self.out, "isatty", lambda: False)()
+        self.show = "number" if show == "color" and not is_terminal else show
         self.prompt_seen = False
         self.tokens: list[int] = []
         self.printed = ""
@@ -90,29 +109,34 @@ def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from ..cache import loop_stats
+    from ..compat import GENERATION_CACHE_KWARG
     from ..halting import ExitRule
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.max_loops is not None and args.max_loops < 1:
-        raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}")
-    strategy = None if args.strategy == "none" else args.strategy
-    if strategy is None and args.threshold is not None:
-        raise ValueError("--threshold needs --strategy")
-    if args.max_loops is not None:  # check the knobs before the (slow) model load
-        ExitRule.build(strategy, args.threshold, args.min_loops, args.max_loops)
+    if args.num_loops is not None and args.num_loops < 1:
+        raise ValueError(f"--num-loops must be >= 1, got {args.num_loops}")
+    strategy = None if args.exit_strategy == "none" else args.exit_strategy
+    if strategy is None and args.exit_threshold is not None:
+        raise ValueError("--exit-threshold needs --exit-strategy")
+    if args.num_loops is not None:  # check the knobs before the (slow) model load
+        ExitRule.build(strategy, args.exit_threshold, args.min_loops, args.num_loops)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt")
 
     model, tokenizer = load_model(args)
-    num_loops = args.max_loops or model.config.num_loops
-    ExitRule.build(strategy, args.threshold, args.min_loops, num_loops)
+    num_loops = args.num_loops or model.config.num_loops
+    ExitRule.build(strategy, args.exit_threshold, args.min_loops, num_loops)
     if args.seed is not None:
         set_seed(args.seed)
     inputs = tokenizer(prompt, return_tensors="pt")
     cache = model.new_cache(num_loops, args.kv_mode)
     streamer = LoopStreamer(tokenizer, cache, args.show_loops)
+    if streamer.show == "color":
+        print(colour_legend(num_loops), file=sys.stderr)
+    elif args.show_loops == "color":
+        print("[loops] stdout is not a terminal: loop counts are marked as [n] instead of colours", file=sys.stderr)
     sampling = {}
     if args.do_sample:
         sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
@@ -129,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             streamer=streamer,
             num_loops=num_loops,
             exit_strategy=strategy,
-            exit_threshold=args.threshold,
+            exit_threshold=args.exit_threshold,
             min_loops=args.min_loops,
             prefill_exit=args.prefill_exit,
             **sampling,
@@ -138,12 +162,12 @@ def run(args: argparse.Namespace) -> int:
     hist = " ".join(f"{n}:{c}" for n, c in sorted(stats["histogram"].items()))
     print(
         f"[loops] {stats['tokens']} tokens, mean {stats['mean']:.2f} of budget {num_loops} "
-        f"(strategy {args.strategy}, kv {cache.kv_mode}); histogram {hist}",
+        f"(strategy {args.exit_strategy}, kv {cache.kv_mode}); histogram {hist}",
         file=sys.stderr,
     )
     if args.stats_json:
         Path(args.stats_json).write_text(
-            json.dumps({"num_loops": num_loops, "strategy": args.strategy, "kv_mode": cache.kv_mode,
+            json.dumps({"num_loops": num_loops, "strategy": args.exit_strategy, "kv_mode": cache.kv_mode,
                         "token_loops": streamer.passes, **stats}, indent=2)
         )
     return 0

@@ -12,14 +12,19 @@ Options of loopus itself (everything else goes to lm_eval unchanged):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+from ..paths import DATA_ENV
+
+HELP = "run lm-evaluation-harness's CLI with the loopus model and offline tasks (all lm_eval flags work)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "lm-eval",
-        help="run lm-evaluation-harness's CLI with the loopus model and offline tasks (all lm_eval flags work)",
+        help=HELP,
         add_help=False,
         allow_abbrev=False,
     )
@@ -28,15 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run, accepts_extra=True)
 
 
-def lm_eval_argv(extra: list[str], offline_tasks: bool = True) -> list[str]:
-    """The lm_eval argument list: `extra` plus `--include_path` of the shipped tasks unless one is given."""
+def lm_eval_argv(extra: list[str], data: str | None = None) -> list[str]:
+    """The lm_eval argument list: `extra`, and with a data directory `data` the shipped offline tasks
+    (`--include_path`, unless one is given) with that directory as their task metadata."""
     from ..eval import TASKS_DIR
 
     argv = list(extra)
+    if data is None:
+        return argv
     given = any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
-    if offline_tasks and not given:
-        argv += ["--include_path", str(TASKS_DIR)]
-    elif offline_tasks and given:
+    if not given:
+        argv += ["--include_path", str(TASKS_DIR), "--metadata", json.dumps({"data_dir": data})]
+    else:
         print("loopus lm-eval: --include_path given: loopus's offline tasks are not added", file=sys.stderr)
     return argv
 
@@ -45,18 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     from ..eval import quiet_task_logs
-
-    if args.data is not None:
-        from ..paths import data_dir
-
-        os.environ["LOOPUS_DATA"] = str(data_dir(args.data).resolve())
+    from ..paths import data_dir
 
     extra = list(getattr(args, "extra", []) or [])
-    offline = not args.hub_tasks and bool(os.environ.get("LOOPUS_DATA"))
+    offline = not args.hub_tasks and (args.data is not None or bool(os.environ.get(DATA_ENV)))
+    data = str(data_dir(args.data).resolve()) if offline else None
     if not extra or extra[0] in ("-h", "--help"):
         print(__doc__)
     saved = sys.argv
-    sys.argv = ["lm-eval", *lm_eval_argv(extra, offline)]
+    sys.argv = ["lm-eval", *lm_eval_argv(extra, data)]
     try:
         quiet_task_logs()
         cli_evaluate()

@@ -17,12 +17,12 @@ Profiles: `quick` (CPU, <= 30 minutes on a 2-core machine) and `full` (the GPU r
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import CALIBRATION_TOKENS
+from ..deprecation import add_old_flag
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -63,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-layers", type=int, default=None, help="override the analyzed split")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (default: the profile's)")
     p.add_argument("--limit", type=float, default=None, help="documents per task (default: the profile's)")
-    p.add_argument("--loops", default=None, help="num_loops to evaluate, e.g. 1,2,4 (default: the profile's)")
+    loops = p.add_argument("--num-loops", default=None,
+                           help="loop budgets to evaluate, e.g. 1,2,4 (default: the profile's)")
+    add_old_flag(p, "--loops", loops)
     p.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the profile's)")
     p.add_argument("--skip", default="", help="stages to skip: analyze,train,dense,evaluate")
     p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
@@ -116,16 +118,17 @@ def stage_train(model_dir: Path, out: Path, mode: str, data: str, settings: dict
 
 
 def stage_evaluate(models: dict[str, tuple[str, Path]], tasks: list[str], limit, loops, exit_strategy,
-                   thresholds, batch_size: int) -> tuple[dict, dict]:
+                   thresholds, batch_size: int, data: str) -> tuple[dict, dict]:
     """models: {label: ("hf"|"loopus", dir)} -> ({label: {task: {metric: v}}}, {label: loopus sweep})."""
     from loopus.eval.harness import evaluate_hf, evaluate_loopus
 
     table, sweeps = {}, {}
     for label, (kind, path) in models.items():
         if kind == "hf":
-            table[label] = evaluate_hf(str(path), tasks, limit, batch_size)
+            table[label] = evaluate_hf(str(path), tasks, limit, batch_size, data=data)
             continue
-        sweep = evaluate_loopus(str(path), tasks, loops, limit, exit_strategy, thresholds, batch_size=batch_size)
+        sweep = evaluate_loopus(str(path), tasks, loops, limit, exit_strategy, thresholds, batch_size=batch_size,
+                                data=data)
         sweeps[label] = sweep
         for n, metrics in sweep["loops"].items():
             table[f"{label} (loops={n})"] = metrics
@@ -177,10 +180,9 @@ def run(args: argparse.Namespace) -> int:
 
     profile = PROFILES[args.profile]
     data = str(data_dir(args.data).resolve())
-    os.environ["LOOPUS_DATA"] = data
     tasks = args.tasks.split(",") if args.tasks else profile["tasks"]
     limit = args.limit if args.limit is not None else profile["limit"]
-    loops = [int(x) for x in args.loops.split(",")] if args.loops else profile["loops"]
+    loops = [int(x) for x in args.num_loops.split(",")] if args.num_loops else profile["loops"]
     train_settings = dict(profile["train"])
     if args.train_steps is not None:
         train_settings.pop("max_tokens", None)
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         models["loopus"] = ("loopus", loopus_dir)
         del model, base
         table, sweeps = stage_evaluate(models, tasks, limit, loops, profile["exit_strategy"], profile["thresholds"],
-                                       profile["batch_size"])
+                                       profile["batch_size"], data)
         progress.end("evaluate", "done", t)
     report["results"] = table
 

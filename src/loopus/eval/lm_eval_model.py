@@ -82,23 +82,25 @@ class LoopUSLM(HFLM):
                 f"--model loopus needs a LoopUS checkpoint, got {type(self.model).__name__}: "
                 "evaluate a base model with --model hf, or convert it first (loopus convert)"
             )
-        if num_loops is None:
-            num_loops = self.model.config.num_loops
-        self.num_loops = check_num_loops(int(num_loops) if isinstance(num_loops, str) else num_loops)
         self.lm_head_chunk = int(lm_head_chunk)
-        self.set_exit(
+        self.reset(
+            num_loops=self.model.config.num_loops if num_loops is None else num_loops,
             exit_strategy=exit_strategy,
             exit_threshold=None if exit_threshold is None else float(exit_threshold),
-            min_loops=None if min_loops is None else int(min_loops),
+            min_loops=min_loops,
         )
-        self.loop_passes = [0.0, 0]  # loop passes spent on scored tokens: (sum, count)
 
-    def set_exit(self, **exit_kwargs: Any) -> None:
-        """Change the exit settings (None values removed); a two-token forward validates them now."""
+    def reset(self, num_loops: int | str, **exit_kwargs: Any) -> None:
+        """Start a new point of a sweep: the loop budget and exit settings (None values removed) for what
+        follows, and a fresh count of loop passes. A two-token forward validates the exit settings now."""
+        self.num_loops = check_num_loops(int(num_loops) if isinstance(num_loops, str) else num_loops)
         self.exit_kwargs = {k: v for k, v in exit_kwargs.items() if v is not None}
         unknown = sorted(set(self.exit_kwargs) - set(EXIT_ARGS))
         if unknown:
             raise ValueError(f"unknown exit settings {unknown}: the exit model args are {', '.join(EXIT_ARGS)}")
+        if isinstance(self.exit_kwargs.get("min_loops"), str):  # lm-eval model args arrive as text
+            self.exit_kwargs["min_loops"] = int(self.exit_kwargs["min_loops"])
+        self.loop_passes = [0.0, 0]  # loop passes spent on scored tokens: (sum, count)
         if self.exit_kwargs:
             self._forward_hidden(torch.full((1, 2), self.prefix_token_id, dtype=torch.long, device=self.device))
 
