@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"loopus serve: {name} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         server = uvicorn.Server(uvicorn.Config(build_app(engine, args.max_tokens), log_level="warning",
                                                timeout_graceful_shutdown=10))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then hands the signal on
+            pass
+        print("loopus serve: stopped", flush=True)
     finally:
         sock.close()
     return 0

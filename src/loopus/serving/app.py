@@ -8,9 +8,12 @@ requests queue and are not batched.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import anyio
 from fastapi import FastAPI, Request
@@ -174,3 +177,27 @@ def validation_message(err: RequestValidationError) -> str:
         else:
             parts.append(f"{where or 'body'}: {error.get('msg')}")
     return "invalid request: " + "; ".join(parts)
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread (port 0: any free one); yields the base URL (".../v1")
+    and shuts the server down on exit. For tests and benchmarks; `loopus serve` runs uvicorn in the foreground."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
