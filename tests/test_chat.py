@@ -34,7 +34,8 @@ def expected_reply(model, tokenizer, text: str, max_tokens: int, **loop) -> str:
                              return_dict_in_generate=True, **loop)
     tokens = out.sequences[0, len(ids):].tolist()
     passes = output_cache(out).loop_passes[0, len(ids) - 1:].tolist()
-    return "".join(tokenizer.decode([t]) + str(p).translate(SUPERSCRIPT) for t, p in zip(tokens, passes))
+    shown = [(tokenizer.decode([t]), str(p).translate(SUPERSCRIPT)) for t, p in zip(tokens, passes)]
+    return "".join(sup + "\n" if char == "\n" else char + sup for char, sup in shown)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(checkpoint, tmp_path):
 
 def test_colour_scale_and_superscripts():
     assert mark("a", 12, 16, color=False) == "a¹²"
+    assert mark(".\n\n", 3, 4, color=False) == ".³\n\n"  # before the line break, on the token's line
     assert mark("a", 1, 4, color=True) == "\033[38;5;46ma\033[0m"  # one pass: green
     assert mark("a", 4, 4, color=True) == "\033[38;5;196ma\033[0m"  # the whole budget: red
     assert mark("", 3, 4, color=True) == ""

@@ -31,8 +31,9 @@ def mark(text: str, passes: int | None, budget: int, color: bool) -> str:
     """`text` coloured by its depth on the scale of `budget`, or followed by a superscript pass count."""
     if passes is None or not text:
         return text
-    if not color:
-        return text + str(passes).translate(SUPERSCRIPT)
+    if not color:  # the count goes before a line break, on the line of the text it belongs to
+        body = text.rstrip("\n")
+        return body + str(passes).translate(SUPERSCRIPT) + text[len(body):]
     step = 0 if budget <= 1 else round((passes - 1) * (len(SCALE) - 1) / (budget - 1))
     return f"\033[38;5;{SCALE[min(max(step, 0), len(SCALE) - 1)]}m{text}\033[0m"
 
@@ -65,7 +66,8 @@ class ChatSession:
         kwargs = self.engine.loop_kwargs(self.settings)
         rule = (f"exit {kwargs['exit_strategy']} at {kwargs['exit_threshold']:g}" if "exit_strategy" in kwargs
                 else "no early exit")
-        return f"budget {kwargs['num_loops']} loops, {rule}"
+        loops = kwargs["num_loops"]
+        return f"budget {loops} loop{'' if loops == 1 else 's'}, {rule}"
 
     def legend(self) -> str:
         budget = self.engine.loop_kwargs(self.settings)["num_loops"]
