@@ -17,6 +17,7 @@ throughput stays near the single-stream rate. With 16 samples or fewer, p99 is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -104,20 +105,22 @@ def main() -> None:
     base, tokenizer = load_base(args.model)
     looped_base, _ = load_base(args.model)  # a second copy: the converted model drives its layers
     looped = loopus.convert(looped_base, args.encoder_layers, args.decoder_layers, num_loops=args.budget).eval()
+    engines = {"base": Engine(base, tokenizer, "base"), "looped": Engine(looped, tokenizer, "looped")}
     arms = [
-        ("base (unlooped)", Engine(base, tokenizer, "base"), {}),
-        ("1 loop", Engine(looped, tokenizer, "looped"), {"num_loops": 1}),
-        (f"{args.budget} loops", Engine(looped, tokenizer, "looped"), {"num_loops": args.budget}),
-        (f"adaptive ({args.exit_strategy} {args.exit_threshold:g}, budget {args.budget})",
-         Engine(looped, tokenizer, "looped"),
+        ("base (unlooped)", "base", {}),
+        ("1 loop", "looped", {"num_loops": 1}),
+        (f"{args.budget} loops", "looped", {"num_loops": args.budget}),
+        (f"adaptive ({args.exit_strategy} {args.exit_threshold:g}, budget {args.budget})", "looped",
          {"num_loops": args.budget, "exit_strategy": args.exit_strategy, "exit_threshold": args.exit_threshold}),
     ]
     rows = []
-    for name, engine, loop in arms:
-        with serving(build_app(engine)) as url:
-            phase(url, engine.name, 1, 1, args.max_tokens, loop)  # warm-up
-            for level in levels:
-                row = {"arm": name, **phase(url, engine.name, level, max(args.requests, level), args.max_tokens,
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(serving(build_app(engine))) for name, engine in engines.items()}
+        for _, server, loop in arms:
+            phase(urls[server], server, 1, 1, args.max_tokens, loop)  # warm-up
+        for level in levels:  # the arms take turns at each level, so a change in the machine's load hits all
+            for name, server, loop in arms:
+                row = {"arm": name, **phase(urls[server], server, level, max(args.requests, level), args.max_tokens,
                                              loop)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
