@@ -177,3 +177,20 @@ def _lines(lines: list[str]):
             raise EOFError from None
 
     return read
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-strategy", "soon"], "unknown exit_strategy 'soon'"),
+    (["--num-loops", "0"], "num_loops must be >= 1, got 0"),
+    (["--exit-threshold", "0.5"], "exit_threshold was given without an exit_strategy"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_cli_refuses_bad_flags_before_loading(tmp_path, flags, message):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "loopus.cli", "chat", str(tmp_path / "missing"), *flags],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(loopus.__file__).parents[1])})
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("loopus chat: error: ") and message in last

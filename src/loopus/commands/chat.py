@@ -22,11 +22,13 @@ def add_loop_arguments(p: argparse.ArgumentParser, scope: str) -> None:
 
 
 def loop_settings(args: argparse.Namespace):
+    """The flags as `LoopSettings`, checked before the (slow) model load as far as they can be without it."""
     from ..config import check_num_loops
+    from ..halting import ExitRule
     from ..serving.engine import LoopSettings
 
-    if args.num_loops is not None:  # before the (slow) model load
-        check_num_loops(args.num_loops)
+    budget = 1 if args.num_loops is None else check_num_loops(args.num_loops)
+    ExitRule.build(args.exit_strategy, args.exit_threshold, None, budget)
     return LoopSettings(args.num_loops, args.exit_strategy, args.exit_threshold)
 
 

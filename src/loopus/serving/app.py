@@ -67,9 +67,9 @@ def build_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
         try:
             prompt = ids()
             max_tokens = request.requested_tokens()
-            if max_tokens is None:
-                max_tokens = default_max_tokens if engine.context is None else \
-                    max(1, min(default_max_tokens, engine.context - len(prompt)))
+            if max_tokens is None:  # the server's default, cut to what the context leaves
+                room = default_max_tokens if engine.context is None else engine.context - len(prompt)
+                max_tokens = max(1, min(default_max_tokens, room))
             return engine.start(prompt, max_tokens, request.loop_settings(), request.temperature, request.top_p,
                                 request.seed)
         except ValueError as err:
