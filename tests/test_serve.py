@@ -258,3 +258,25 @@ def test_real_gemma_served_equals_generate(gemma):
     assert whole.usage.completion_tokens == len(tokens)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].usage.mean_loop_passes == whole.usage.mean_loop_passes == sum(passes) / len(passes)
+
+
+def test_streamed_pieces_add_up_to_the_whole_decode_across_line_breaks():
+    """A SentencePiece-style decoder drops the leading space of a sequence's first token, so the streamer
+    must not decode the token after a line break on its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loopus.serving.engine import DepthStreamer
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "\n": 2, "▁The": 3, "▁end": 4, "!": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokens = [1, 2, 3, 4, 2, 2, 3, 5]
+    streamer = DepthStreamer(tokenizer, cache=None)
+    streamer.put(torch.tensor([[1]]))  # the prompt
+    for token in tokens:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(piece.text for piece in streamer) == tokenizer.decode(tokens) == "Hello\n The end\n\n The!"

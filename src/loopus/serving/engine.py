@@ -69,8 +69,9 @@ class DepthStreamer(TextIteratorStreamer):
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
         piece = "" if text.endswith("\ufffd") else text[self.print_len :]
         self.print_len += len(piece)
-        if text.endswith("\n"):
-            self.token_cache, self.print_len = [], 0
+        if text.endswith("\n"):  # start over, keeping the last token as context for a leading space after it
+            self.token_cache = self.token_cache[-1:]
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         self.text_queue.put(Piece(piece, token, passes))
 
     def end(self) -> None:
@@ -106,7 +107,6 @@ class Generation:
         self.stop_event = threading.Event()
         self.tokens: list[int] = []
         self.passes: list[int] = []
-        self.pieces: list[str] = []
         self.error: BaseException | None = None
         self.started = time.perf_counter()
         self.finished: float | None = None
@@ -149,7 +149,6 @@ class Generation:
             self.tokens.append(piece.token)
             if piece.passes is not None:
                 self.passes.append(piece.passes)
-        self.pieces.append(piece.text)
         return piece
 
     def stop(self) -> None:
@@ -163,7 +162,8 @@ class Generation:
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        """The whole reply, decoded at once (the streamed pieces add up to it)."""
+        return self.streamer.tokenizer.decode(self.tokens, **self.streamer.decode_kwargs)
 
     @property
     def mean_passes(self) -> float | None:
