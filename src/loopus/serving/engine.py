@@ -122,6 +122,8 @@ class Generation:
     def _run(self, engine: "Engine", kwargs: dict, seed: int | None) -> None:
         try:
             with engine.lock, torch.no_grad():
+                if self.stop_event.is_set():  # stopped while waiting for its turn: nothing to generate
+                    return
                 if seed is not None:
                     set_seed(seed)
                 engine.model.generate(**kwargs)
