@@ -280,3 +280,17 @@ def test_streamed_pieces_add_up_to_the_whole_decode_across_line_breaks():
         streamer.put(torch.tensor([token]))
     streamer.end()
     assert "".join(piece.text for piece in streamer) == tokenizer.decode(tokens) == "Hello\n The end\n\n The!"
+
+
+def test_a_stopped_generation_ends_early_and_a_queued_one_never_starts():
+    engine = Engine(tiny_looped("llama", num_loops=2), char_tokenizer(), "tiny")
+    ids = engine.text_ids("Hi")
+    running = engine.start(ids, 100)
+    next(running)  # it has started
+    running.stop()
+    assert 1 <= len(running.collect().tokens) < 100
+    assert running.finish_reason == "stop"
+    with engine.lock:  # another generation holds the model: this one waits its turn
+        queued = engine.start(ids, 100)
+        queued.stop()
+    assert queued.collect().tokens == []
