@@ -147,6 +147,8 @@ BAD = [
     ("completions", {"model": "tiny", "prompt": "Hi", "exit_strategy": "guess"}, 400, "unknown exit_strategy"),
     ("completions", {"model": "tiny", "prompt": "Hi", "exit_threshold": 0.5}, 400, "without an exit_strategy"),
     ("completions", {"model": "tiny", "prompt": "x" * 200}, 400, "over the context length of 128"),
+    ("completions", {"model": "tiny", "prompt": [5, 97]}, 400, "prompt token ids must be in 0..96"),
+    ("completions", {"model": "tiny", "prompt": ["Hi", "Yo"]}, 400, "one prompt per request"),
     ("completions", {"model": "tiny", "prompt": "Hi", "stop": ["."]}, 400, "'stop' is not supported"),
     ("completions", {"model": "tiny", "prompt": "Hi", "n": 2}, 400, "one choice per request"),
     ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),

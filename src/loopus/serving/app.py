@@ -117,6 +117,9 @@ def completion_ids(engine: Engine, prompt: str | list) -> list[int]:
     if isinstance(prompt, str):
         return engine.text_ids(prompt)
     if prompt and all(isinstance(p, int) for p in prompt):
+        vocab = engine.model.config.get_text_config().vocab_size
+        if not all(0 <= p < vocab for p in prompt):
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
         return list(prompt)
     if len(prompt) != 1:
         raise ValueError(f"one prompt per request, got {len(prompt)}: send one request per prompt")
