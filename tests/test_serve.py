@@ -296,3 +296,14 @@ def test_a_stopped_generation_ends_early_and_a_queued_one_never_starts():
         queued = engine.start(ids, 100)
         queued.stop()
     assert queued.collect().tokens == []
+
+
+def test_sampling_with_a_seed_is_repeatable(tiny):
+    model, tokenizer, client, _ = tiny
+    ids = tokenizer("Hi")["input_ids"]
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9)
+    replies = [client.completions.create(model="tiny", prompt="Hi", max_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+               for _ in range(2)]
+    assert replies[0].choices[0].text == replies[1].choices[0].text == tokenizer.decode(expected[0, len(ids):])
