@@ -14,11 +14,12 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PROFILE ?= quick
 # What an upstream release is most likely to break: exactness, the cache, generation and adaptive exit,
-# checkpoints, one training step, and the lm-eval adapter.
+# checkpoints, one training step, the lm-eval adapter, and the server and chat (FastAPI, uvicorn, openai).
 DRIFT_TESTS ?= tests/test_convert.py tests/test_checkpoint.py tests/test_cache.py tests/test_generate.py \
 	tests/test_exit.py tests/test_train_objective.py tests/test_function_preserving.py tests/test_eval_lm_eval.py \
 	tests/test_real_gemma.py tests/test_perplexity.py \
-	tests/test_train_real.py "tests/test_train_trainer.py::test_killed_and_resumed_run_ends_bit_identical"
+	tests/test_train_real.py "tests/test_train_trainer.py::test_killed_and_resumed_run_ends_bit_identical" \
+	tests/test_serve.py tests/test_chat.py
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
