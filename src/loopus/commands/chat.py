@@ -9,6 +9,8 @@ import argparse
 
 from .convert import add_model_arguments, load_model
 
+HELP = "chat with a LoopUS model in the terminal, showing loop passes per token"
+
 
 def add_loop_arguments(p: argparse.ArgumentParser, scope: str) -> None:
     """--num-loops, --exit-strategy, --exit-threshold; checked once the model is loaded (`Engine`)."""
@@ -33,7 +35,7 @@ def loop_settings(args: argparse.Namespace):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("chat", help="chat with a LoopUS model in the terminal, showing loop passes per token")
+    p = subparsers.add_parser("chat", help=HELP)
     add_model_arguments(p)
     add_loop_arguments(p, "change it in the chat with /loops and /exit")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default %(default)s)")

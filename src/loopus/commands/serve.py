@@ -16,9 +16,11 @@ from .convert import add_model_arguments, load_model
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
+HELP = "serve a LoopUS model over an OpenAI-compatible HTTP API"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a LoopUS model over an OpenAI-compatible HTTP API")
+    p = subparsers.add_parser("serve", help=HELP)
     add_model_arguments(p)
     add_loop_arguments(p, "server-wide default; requests may override it")
     p.add_argument("--host", default="127.0.0.1",
