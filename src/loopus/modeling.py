@@ -46,6 +46,7 @@ from .compat import GENERATION_CACHE_KWARG, MASK_CACHE_KWARG, OUTPUT_CACHE_FIELD
 from .config import LoopUSConfig, check_int, check_num_loops
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
+from .looped import LoopedModel
 
 MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -119,7 +120,7 @@ class LoopUSCausalLMOutput(CausalLMOutputWithPast):
     loop_passes: torch.LongTensor | None = None
 
 
-class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
+class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
     config_class = LoopUSConfig
     config: LoopUSConfig
     supports_gradient_checkpointing = True
