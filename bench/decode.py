@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 import loopus
+from loopus.eval.scoring import teacher_forced
 from loopus.paths import data_file
 from loopus.train.flops import decode_step_flops
 from loopus.zoo import load_base
@@ -89,31 +89,6 @@ def cached_step_seconds(model, ids, repeats: int = 3, **kwargs) -> float:
             times.append(time.perf_counter() - start)
             cache.crop(-1)
     return statistics.median(times)
-
-
-def teacher_forced(model, ids: torch.Tensor, context: int, budget: int, kv_mode: str, **exit_kwargs) -> dict:
-    """Perplexity of ids[context:] predicted one token at a time through the cache, with per-token exit."""
-    cache = model.new_cache(budget, kv_mode)
-    nll, passes, seconds = 0.0, [], 0.0
-    with torch.no_grad():
-        out = model(input_ids=ids[:, :context], past_key_values=cache, num_loops=budget, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        for pos in range(context, ids.shape[1]):
-            target = ids[:, pos]
-            nll += torch.nn.functional.cross_entropy(logits.float(), target).item()
-            if pos == ids.shape[1] - 1:
-                break
-            start = time.perf_counter()
-            out = model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, num_loops=budget, **exit_kwargs)
-            seconds += time.perf_counter() - start
-            passes.append(int(out.loop_passes[0, 0]))
-            logits = out.logits[:, -1]
-    count = ids.shape[1] - context
-    stats = loopus.cache.loop_stats(torch.tensor(passes))
-    return {
-        "ppl": math.exp(nll / count), "tokens": count, "mean_passes": stats["mean"],
-        "histogram": stats["histogram"], "seconds_per_token": seconds / max(len(passes), 1),
-    }
 
 
 def render(report: dict) -> str:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import teacher_forced  # noqa: E402  (the same token-by-token scorer as bench/decode.py)
+from loopus.eval.scoring import teacher_forced  # the same token-by-token scorer as bench/decode.py
 
 RULES = [  # (label, budget, kv_mode, exit kwargs)
     ("fixed 1", 1, "per_depth", {}),

@@ -1,9 +1,9 @@
 """Issue 11, item 7: the default recipe (fp_depth: full weights plus depth adapters) and dense on one GPU,
 bf16, at GPU scale.
 
-The arms (`--arms`, bench/recipes.py's) train on the same packed rows in the same order (built once
-and handed to every trainer), with bench/recipes.py's settings except for the scale: rows of 1024
-tokens, bf16 autocast, 10% warm-up. Device time is lent by the minute, so the script first probes
+The arms (`--arms`: named recipes of `loopus.train.recipes`) train on the same packed rows in the same
+order (built once and handed to every trainer), with bench/recipes.py's model, split, corpora and seed
+at GPU scale: rows of 1024 tokens, bf16 autocast, 10% warm-up. Device time is lent by the minute, so the script first probes
 throughput settings side by side on every arm (`--settings`: batch size and cross-entropy chunk, a
 few training steps each, with peak GPU memory), picks the one that trains all arms fastest together,
 profiles two steps of each arm there (OUT/profile-ARM.txt, and the share of wall time the GPU spent in
@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-from recipes import ARMS, COMMON, score_arm  # noqa: E402  (bench/ is the script's directory)
-from train_gemma import peak_flops  # noqa: E402
+from loopus.train import recipes
+from loopus.train.flops import peak_flops
+
+MODEL, SPLIT, CORPUS, SEED = "gemma-3-270m", (6, 3), ["enwiki", "eltec_eng"], 0  # as bench/recipes.py
 
 
 def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int, setting: tuple[int, int]):
@@ -43,23 +45,35 @@ def arm_config(arm: str, out: Path, args: argparse.Namespace, max_tokens: int, s
 
     batch_size, ce_chunk = setting
     steps = max(1, max_tokens // (args.seq_len * batch_size))
-    settings = {**COMMON, **ARMS[arm][1], "out": str(out), "data": args.data, "seq_len": args.seq_len,
-                "batch_size": batch_size, "max_tokens": None, "max_steps": steps,
-                "warmup_steps": max(1, steps // 10), "precision": args.precision, "ce_chunk": ce_chunk,
-                "save_every": 0, "eval_at_start": False, "eval_at_end": False, "progress": True}
-    return TrainConfig(**settings)
+    return TrainConfig.of(
+        recipe=arm, model=MODEL, encoder_layers=SPLIT[0], decoder_layers=SPLIT[1], corpus=CORPUS, seed=SEED,
+        out=str(out), data=args.data, seq_len=args.seq_len, batch_size=batch_size, max_steps=steps,
+        warmup_steps=max(1, steps // 10), precision=args.precision, ce_chunk=ce_chunk, val_tokens=2048,
+        eval_loops=[1, 4], save_every=0, eval_at_start=False, eval_at_end=False, tensorboard=False)
 
 
 def step_flops(cfg, base_config) -> float:
-    """Matmul FLOPs per training token of the arm's step (recipes' split, encoder frozen)."""
+    """Matmul FLOPs per training token of the arm's step (its split, encoder frozen)."""
     from loopus.train.flops import dense_step_flops, rds_step_flops
 
-    if cfg.mode == "dense":
-        return dense_step_flops(base_config, cfg.seq_len, frozen_front_layers=cfg.encoder_layers)
-    return rds_step_flops(base_config, cfg.seq_len, cfg.encoder_layers, cfg.decoder_layers,
-                          (cfg.horizon_min, cfg.horizon_max), (cfg.supervised_min, cfg.supervised_max),
-                          cfg.grad_steps, supervise_first=cfg.supervise_first,
-                          weights_train="reasoning" not in cfg.freeze)
+    build = cfg.build
+    if not build.looped:
+        return dense_step_flops(base_config, cfg.dataset.seq_len, frozen_front_layers=build.encoder_layers)
+    return rds_step_flops(base_config, cfg.dataset.seq_len, build.encoder_layers, build.decoder_layers, cfg.rds,
+                          weights_train="reasoning" not in build.freeze)
+
+
+def score(arm: str, out: Path, data: str | None, tokens: int, device: str) -> dict:
+    """Held-out perplexity of the trained arm at 1/2/4/8 loops (a dense arm recast with the split: 1 loop)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loopus.convert import as_looped
+    from loopus.eval.scoring import held_out_scores
+
+    model = AutoModelForCausalLM.from_pretrained(out / arm, dtype=torch.float32)
+    loops = [1, 2, 4, 8] if recipes.recipe(arm)["mode"] == "loopus" else [1]
+    model = as_looped(model, *SPLIT).to(device).eval()
+    return held_out_scores(model, AutoTokenizer.from_pretrained(out / arm), loops, data, tokens)
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         "GPU run's; CE_CHUNK = positions per cross-entropy chunk)")
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
     p.add_argument("--probe-steps", type=int, default=5)
-    p.add_argument("--arms", default="dense,fp_depth", help="bench/recipes.py arms, comma-separated")
+    p.add_argument("--arms", default="dense,default", help="recipes (loopus.train.recipes), comma-separated")
     p.add_argument("--score-tokens", type=int, default=8192, help="held-out tokens per corpus")
     p.add_argument("--plot-from", default=None, metavar="DIR",
                    help="only draw DIR/training.png from a finished run's logs (DIR/ARM/logs/train.jsonl)")
@@ -237,13 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plot_training(run, list(json.loads((run / "summary.json").read_text())["arms"]), run / "training.png"))
         return 0
     arms = args.arms.split(",")
-    one_stage = [a for a in ARMS if a != "base" and "init_from" not in ARMS[a][1]]
-    if unknown := sorted(set(arms) - set(one_stage)):
-        p.error(f"cannot train arms {unknown} here (base and the two-stage arms); choose from {', '.join(one_stage)}")
-    # one set of rows for every arm: arms that read different rows (rows_per_doc) cannot share it
-    rows_per_doc = {ARMS[a][1].get("rows_per_doc") for a in arms}
-    if len(rows_per_doc) > 1:
-        p.error(f"arms {arms} read different rows (rows_per_doc {sorted(rows_per_doc, key=str)}): run them separately")
+    if unknown := sorted(set(arms) - set(recipes.RECIPES)):
+        p.error(f"unknown recipes {unknown}; choose from {', '.join(recipes.RECIPES)}")
 
     from loopus.train.data import build_data
     from loopus.zoo import load_base
@@ -252,10 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
-    base, tokenizer = load_base(COMMON["model"])
+    base, tokenizer = load_base(MODEL)
     rows = args.max_tokens // args.seq_len
-    data = build_data(tokenizer, COMMON["corpus"], args.data, args.seq_len, rows, 1, COMMON["seed"],
-                      rows_per_doc=rows_per_doc.pop())
+    data = build_data(tokenizer, CORPUS, args.data, args.seq_len, rows, 1, SEED)
     summary: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "torch": torch.__version__, "data_s": time.time() - started, "mix": data.mix, "arms": {}}
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                  "achieved_tflops": flops * rate / 1e12, "mfu": flops * rate / peak if peak else None}
         trainer = None
         free_memory()
-        entry["scores"] = score_arm(arm, out, args.data, args.score_tokens, device)
+        entry["scores"] = score(arm, out, args.data, args.score_tokens, device)
         summary["arms"][arm] = entry
         summary["wall_s"] = time.time() - started
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

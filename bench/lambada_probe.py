@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from loopus.looped import LoopedModel
+
 
 def target_logprobs(model, tokenizer, passages: list[str]) -> list[dict]:
     """Sum log-prob, greedy hit and the model's top-1 first token for each passage's last word."""
-    one_loop = {"num_loops": 1, "use_cache": False} if hasattr(model, "loop_step") else {}
+    one_loop = {"num_loops": 1, "use_cache": False} if isinstance(model, LoopedModel) else {}
     out = []
     for text in passages:
         context, word = text.rsplit(" ", 1)
@@ -49,7 +51,7 @@ def induction_nll(model, bos: int, vocab: int, length: int = 48, trials: int = 1
     """Mean NLL on the first and on the second copy of a random token sequence repeated once, BOS-led:
     the second copy is predictable only by copying from the context (induction)."""
     generator = torch.Generator().manual_seed(0)
-    one_loop = {"num_loops": 1, "use_cache": False} if hasattr(model, "loop_step") else {}
+    one_loop = {"num_loops": 1, "use_cache": False} if isinstance(model, LoopedModel) else {}
     first, second = 0.0, 0.0
     for _ in range(trials):
         seq = torch.randint(1000, vocab, (length,), generator=generator)

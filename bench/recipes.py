@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from loopus.train import recipes
+
+# what every arm shares besides its recipe: model, split, data, run length, bookkeeping
 COMMON: dict[str, Any] = {
     "model": "gemma-3-270m",
     "encoder_layers": 6,
@@ -37,21 +40,7 @@ COMMON: dict[str, Any] = {
     "seq_len": 128,
     "batch_size": 4,
     "max_tokens": 102_400,            # 200 optimiser steps of 4 x 128 label tokens
-    "lr": 2e-5,
     "warmup_steps": 20,
-    "schedule": "cosine",
-    "min_lr_ratio": 0.1,
-    "freeze": ["embeddings", "encoder"],
-    "depth_lora_rank": 0,
-    "packing": "documents",
-    # every recipe setting is spelled out, so a later change of the package defaults moves no arm
-    "gate_rank": 64,
-    "horizon_min": 2,
-    "supervised_min": 2,
-    "supervised_max": 2,
-    "grad_steps": 1,
-    "beta_mono": 0.1,
-    "lambda_conf": 0.1,
     "seed": 0,
     "val_tokens": 2048,
     "eval_loops": [1, 4],
@@ -59,20 +48,22 @@ COMMON: dict[str, Any] = {
     "keep_checkpoints": 1,
     "tensorboard": False,
 }
+# the study's starting point: every recipe setting spelled out (the package's default recipe at the study's
+# first lr, full weights without depth adapters), so a later change of the package defaults moves no arm
+BASELINE: dict[str, Any] = {**recipes.DEFAULT, "lr": 2e-5, "depth_lora_rank": 0}
 
-FP: dict[str, Any] = {"mode": "loopus", "gate_init": 0.02, "horizon_max": 4, "supervise_first": True,
-                      "new_module_lr_mult": 1000.0}
-DEPTH_ADAPTERS: dict[str, Any] = {"depth_lora_rank": 16, "adapter_lr_mult": 10.0}
-DEPTH_ONLY: dict[str, Any] = {**FP, **DEPTH_ADAPTERS,
-                              "freeze": ["embeddings", "encoder", "reasoning", "decoder", "head"]}
+FP: dict[str, Any] = {k: recipes.DEFAULT[k]
+                      for k in ("mode", "gate_init", "horizon_max", "supervise_first", "new_module_lr_mult")}
+DEPTH_ADAPTERS: dict[str, Any] = {k: recipes.DEFAULT[k] for k in ("depth_lora_rank", "adapter_lr_mult")}
+DEPTH_ONLY: dict[str, Any] = {**FP, **DEPTH_ADAPTERS, "freeze": recipes.FROZEN_BASE["freeze"]}
+PAPER: dict[str, Any] = {k: recipes.PAPER[k]
+                         for k in ("mode", "gate_init", "horizon_max", "supervise_first", "new_module_lr_mult")}
 
 # arm -> (what it is, TrainConfig overrides); "base" is the untrained model
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("Gemma 3 270M, untrained", {}),
     "dense": ("plain continued training of the unlooped model, same trainable layers", {"mode": "dense"}),
-    "paper": ("LoopUS, the paper recipe: gate init 0.5, T ~ U{2..8}, |S| = 2",
-              {"mode": "loopus", "gate_init": 0.5, "horizon_max": 8, "supervise_first": False,
-               "new_module_lr_mult": 1.0}),
+    "paper": ("LoopUS, the paper recipe: gate init 0.5, T ~ U{2..8}, |S| = 2", PAPER),
     "fp": ("LoopUS, function-preserving: gate init 0.02, T ~ U{2..4}, loop 1 always supervised, "
            "gate and confidence head at 1000x lr", FP),
     "fp_kl": ("fp + KL(base || loop 1) with weight 1 (the frozen model before training as the reference)",
@@ -94,10 +85,11 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     # the dense lr sweep on the spread rows (dense_spread is its 2e-5 point)
     "dense_spread_lr6e-5": ("dense_spread at 3x the lr (6e-5): does the dense baseline gain more at a higher lr?",
                             {"mode": "dense", "rows_per_doc": 2, "lr": 6e-5}),
-    "dense_spread_lr7e-6": ("dense_spread at a third of the lr (7e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 7e-6}),
+    "dense_spread_lr7e-6": ("dense_spread at a third of the lr (7e-6): the package's dense recipe",
+                            {**recipes.DENSE, "rows_per_doc": 2}),
     "dense_spread_lr2e-6": ("dense_spread at a tenth of the lr (2e-6)", {"mode": "dense", "rows_per_doc": 2, "lr": 2e-6}),
     "fp_depth_spread_lr7e-6": ("fp_depth_spread at dense's best lr (7e-6; the gate, head and adapter multipliers "
-                               "unchanged)", {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6}),
+                               "unchanged): the package's default recipe", {**recipes.DEFAULT, "rows_per_doc": 2}),
     "fp_depth_kl_spread_lr7e-6": ("fp_depth_spread_lr7e-6 + KL(base || loop 1), weight 1: with loop 1 held near "
                                   "the base, do the depth adapters take the gain in the extra loops?",
                                   {**FP, **DEPTH_ADAPTERS, "rows_per_doc": 2, "lr": 7e-6, "kl_base": 1.0}),
@@ -118,8 +110,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
                        {**DEPTH_ONLY, "rows_per_doc": 2, "init_from": "dense_spread"}),
 }
 
-# the study's winner: the package defaults (TrainConfig, `loopus run`'s quick profile) are its recipe, and
-# tests/test_default_recipe.py holds them equal
+# the study's winner: the package's default recipe (loopus.train.recipes.DEFAULT) is its recipe, and
+# tests/test_default_recipe.py holds the two equal
 DEFAULT_ARM = "fp_depth_spread_lr7e-6"
 
 TASKS = ["arc_easy", "piqa", "lambada_openai"]
@@ -134,7 +126,7 @@ def trained(out: Path, arm: str) -> bool:
 
 
 def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> None:
-    from loopus.train import TrainConfig, train
+    from loopus.train import TrainConfig, Trainer
     from loopus.train.checkpointing import latest_checkpoint
 
     if arm == "base" or trained(out, arm):
@@ -142,7 +134,7 @@ def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> 
         return
     overrides = dict(ARMS[arm][1])
     parent = overrides.pop("init_from", None)
-    settings = {**COMMON, **overrides, "out": str(arm_dir(out, arm)), "data": data}
+    settings = {**COMMON, **BASELINE, **overrides, "out": str(arm_dir(out, arm)), "data": data}
     if parent is not None:
         if not trained(out, parent):
             raise SystemExit(f"[{arm}] starts from arm {parent!r}, which is not trained under {out}: "
@@ -151,11 +143,12 @@ def train_arm(arm: str, out: Path, data: str | None, max_tokens: int | None) -> 
     if max_tokens is not None:
         settings["max_tokens"] = max_tokens
     settings["resume"] = latest_checkpoint(settings["out"]) is not None
-    cfg = TrainConfig(**settings)
+    trainer = Trainer(TrainConfig.of(**settings))
     start = time.time()
-    result = train(cfg)
+    result = trainer.train()
     (arm_dir(out, arm) / "recipe.json").write_text(json.dumps(
-        {"arm": arm, "description": ARMS[arm][0], "config": cfg.to_dict(), "wall_s_this_session": time.time() - start,
+        {"arm": arm, "description": ARMS[arm][0], "config": trainer.cfg.to_dict(),
+         "wall_s_this_session": time.time() - start,
          "throughput": {k: v for k, v in result.items() if "tokens" in k or "time" in k}}, indent=1, default=str))
 
 
@@ -181,19 +174,17 @@ def looped_arm(arm: str) -> bool:
 
 
 def score_arm(arm: str, out: Path, data: str | None, tokens: int, device: str = "cpu") -> dict[str, Any]:
-    from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
+    from loopus.eval.scoring import held_out_scores
 
     model, tokenizer = load_scorable(arm, out, device)
     loops = [1, 2, 4, 8] if looped_arm(arm) else [1]
     result: dict[str, Any] = {"arm": arm, "tokens_per_corpus": tokens, "window": 512, "loops": loops}
     start = time.time()
-    for name in HELD_OUT:
-        docs = held_out_documents(name, data)
-        scores = per_loop_perplexity(model, tokenizer, docs, loops, max_tokens=tokens, window=512,
-                                     batch_size=4, return_windows=True)
-        result[name] = {str(n): v for n, v in scores.items()}
-        print(f"[{arm}] {name}: " + ", ".join(f"{n} loops {v['ppl']:.3f} ± {v['ppl'] * v['nll_se']:.3f}"
-                                               for n, v in scores.items()), flush=True)
+    result.update(held_out_scores(model, tokenizer, loops, data, tokens))
+    for name, scores in result.items():
+        if isinstance(scores, dict):
+            print(f"[{arm}] {name}: " + ", ".join(f"{n} loops {v['ppl']:.3f} ± {v['ppl'] * v['nll_se']:.3f}"
+                                                   for n, v in scores.items()), flush=True)
     result["wall_s"] = time.time() - start
     path = arm_dir(out, arm)
     path.mkdir(parents=True, exist_ok=True)
@@ -241,9 +232,9 @@ def paired_difference(arm_windows: list, ref_windows: list) -> tuple[float, floa
 def dense_reference(arm: str) -> str:
     """The dense arm trained on the same rows at the same lr as `arm` (dense_spread for the spread arms at
     the study's lr, dense_spread_lr7e-6 for those at 7e-6)."""
-    rows, lr = ARMS[arm][1].get("rows_per_doc"), ARMS[arm][1].get("lr", COMMON["lr"])
+    rows, lr = ARMS[arm][1].get("rows_per_doc"), ARMS[arm][1].get("lr", BASELINE["lr"])
     return next(name for name, (_, o) in ARMS.items()
-                if o.get("mode") == "dense" and o.get("rows_per_doc") == rows and o.get("lr", COMMON["lr"]) == lr)
+                if o.get("mode") == "dense" and o.get("rows_per_doc") == rows and o.get("lr", BASELINE["lr"]) == lr)
 
 
 def report(out: Path, plot: Path | None) -> str:

@@ -57,7 +57,7 @@ def main() -> None:
         if args.steps == 0:
             model = convert(load_base("gemma-3-270m")[0], encoder, decoder).eval()
         elif not (args.reuse and (out / "model.safetensors").is_file()):
-            cfg = TrainConfig(
+            cfg = TrainConfig.of(
                 model="gemma-3-270m", out=str(out), data=args.data, encoder_layers=encoder, decoder_layers=decoder,
                 max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=1,
                 val_tokens=512, eval_loops=[1], eval_at_start=False, tensorboard=False, progress=False,

@@ -34,10 +34,10 @@ def local_bytes(tensors) -> int:
 def worker(args: argparse.Namespace) -> None:
     from loopus.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(model="gemma-3-270m", out=args.out, data=args.data, encoder_layers=6, decoder_layers=3,
-                      max_steps=args.steps, seq_len=args.seq_len, batch_size=1, horizon_min=2, horizon_max=4,
-                      eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False, threads=1,
-                      fsdp=args.fsdp, val_tokens=args.seq_len, depth_lora_rank=0)  # FSDP trains full weights
+    cfg = TrainConfig.of(model="gemma-3-270m", out=args.out, data=args.data, encoder_layers=6, decoder_layers=3,
+                         max_steps=args.steps, seq_len=args.seq_len, batch_size=1, horizon_min=2, horizon_max=4,
+                         eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False, threads=1,
+                         fsdp=args.fsdp, val_tokens=args.seq_len, depth_lora_rank=0)  # FSDP trains full weights
     records = []
 
     def measure(trainer, step, metrics):

@@ -23,16 +23,7 @@ import torch
 import loopus
 from loopus.train import TrainConfig, Trainer
 from loopus.train.evaluation import evaluate
-from loopus.train.flops import dense_step_flops, rds_step_flops
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+from loopus.train.flops import dense_step_flops, peak_flops, rds_step_flops
 
 
 def main(argv=None) -> int:
@@ -81,30 +72,32 @@ def main(argv=None) -> int:
     runs = [] if args.only_dense else ["loopus"]
     runs += [] if args.skip_dense else ["dense"]
     for mode in runs:
-        cfg = TrainConfig(out=str(out / mode), mode=mode, horizon_min=horizon[0], horizon_max=horizon[1],
-                          supervised_min=supervised[0], supervised_max=supervised[1], **common)
-        trainer = Trainer(cfg)
+        recipe = {"recipe": "dense"} if mode == "dense" else {"horizon_min": horizon[0], "horizon_max": horizon[1],
+                                                              "supervised_min": supervised[0],
+                                                              "supervised_max": supervised[1]}
+        trainer = Trainer(TrainConfig.of(out=str(out / mode), **recipe, **common))
+        cfg = trainer.cfg
         started = time.time()
         history = trainer.train()
         result = {"before": history.get("before"), "after": history.get("after"),
                   "throughput": history["throughput"], "steps": trainer.step, "tokens": trainer.tokens,
                   "wall_s": time.time() - started, "mix": trainer.data.mix}
-        base_config = trainer.core.config.base_config if mode == "loopus" else trainer.core.config
+        build, seq_len = cfg.build, cfg.dataset.seq_len
         if mode == "loopus":
-            flops = rds_step_flops(base_config, cfg.seq_len, cfg.encoder_layers, cfg.decoder_layers, horizon,
-                                   supervised, cfg.grad_steps, cfg.gradient_checkpointing)
+            flops = rds_step_flops(trainer.core.config.base_config, seq_len, build.encoder_layers,
+                                   build.decoder_layers, cfg.rds, build.gradient_checkpointing)
         else:
-            flops = dense_step_flops(base_config, cfg.seq_len, cfg.encoder_layers, cfg.gradient_checkpointing)
+            flops = dense_step_flops(trainer.core.config, seq_len, build.encoder_layers, build.gradient_checkpointing)
         result["flops_per_token"] = flops
         result["achieved_flops"] = flops * history["throughput"]["tokens_per_s"]
         if peak:
             result["mfu"] = result["achieved_flops"] / peak
         if mode == "dense":
             # the dense-trained weights recast with the same split, untrained gate: for reference only
-            recast = loopus.convert(trainer.core.eval(), cfg.encoder_layers, cfg.decoder_layers)
-            batches = trainer.data.valid_batches(cfg.eval_batch_size)
+            recast = loopus.convert(trainer.core.eval(), build.encoder_layers, build.decoder_layers)
+            batches = trainer.data.valid_batches(cfg.logging.eval_batch_size)
             with trainer.accelerator.autocast():
-                result["after_recast"] = evaluate(recast, batches, cfg.eval_loops, cfg.conf_margin, cfg.ce_chunk,
+                result["after_recast"] = evaluate(recast, batches, cfg.logging.eval_loops, cfg.rds,
                                                   trainer.accelerator.device)
         summary[mode] = result
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -22,7 +22,7 @@ import torch
 
 import loopus
 from loopus.train.flops import dense_step_flops, plan_flops
-from loopus.train.objective import dense_step, rds_step, sample_plan
+from loopus.train.objective import RDSConfig, dense_step, rds_step, sample_plan
 from loopus.train.params import apply_freeze
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     horizon = tuple(int(x) for x in args.horizon.split(","))
     supervised = tuple(int(x) for x in args.supervised.split(","))
     generator = torch.Generator().manual_seed(0)
-    plans = [sample_plan(generator, *horizon, *supervised) for _ in range(args.pairs)]
+    plans = [sample_plan(generator, RDSConfig(*horizon, *supervised)) for _ in range(args.pairs)]
 
     def sync():
         if device == "cuda":

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loopus
-from loopus.train import TrainConfig, Trainer
-from loopus.train.config import DEFAULT_DEPTH_LORA_RANK, FROZEN_BASE_FREEZE, FULL_WEIGHT_FREEZE
-from loopus.train.objective import RDSPlan, rds_step
+from loopus.train import Runtime, TrainConfig, Trainer, resolve
+from loopus.train.objective import RDSConfig, RDSPlan, rds_step
+from loopus.train.recipes import DEFAULT, FROZEN_BASE_FREEZE, FULL_WEIGHT_FREEZE
 from conftest import char_tokenizer, tiny_base
 from test_train_helpers import write_corpus
 
@@ -121,7 +121,7 @@ def test_the_gradient_reaches_every_per_loop_adapter_in_one_window():
     for p in model.depth_adapter_parameters():
         p.requires_grad_(True)
     ids = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    rds_step(model, ids, ids.roll(-1, 1), RDSPlan(3, (1, 3), grad_steps=2), lambda_conf=0.0)
+    rds_step(model, ids, ids.roll(-1, 1), RDSPlan(3, (1, 3), grad_steps=2), RDSConfig(lambda_conf=0.0))
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
     for name in ("depth", "depth_3"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if f".{name}." in n), name
@@ -134,13 +134,16 @@ def test_depth_adapters_refuse_a_second_set():
         model.add_depth_adapters(8)
 
 
+DEFAULT_DEPTH_LORA_RANK = DEFAULT["depth_lora_rank"]
+
+
 def train_tiny(tmp_path, family: str, **options) -> tuple[torch.nn.Module, torch.Tensor]:
     """A tiny converted model trained 8 steps with `options` over the defaults; (trained model, 3-loop logits before)."""
     write_corpus(tmp_path / "data")
-    cfg = TrainConfig(model="unused", out=str(tmp_path / "run"), data=str(tmp_path / "data"), corpus=["tiny"],
-                      seq_len=16, batch_size=2, max_steps=8, lr=1e-2, horizon_min=2, horizon_max=3,
-                      eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False, **options)
-    assert cfg.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK > 0
+    cfg = TrainConfig.of(model="unused", out=str(tmp_path / "run"), data=str(tmp_path / "data"), corpus=["tiny"],
+                         seq_len=16, batch_size=2, max_steps=8, lr=1e-2, horizon_min=2, horizon_max=3,
+                         eval_at_start=False, eval_at_end=False, progress=False, tensorboard=False, **options)
+    assert resolve(cfg, Runtime()).build.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK > 0
     model = loopus.convert(tiny_base(family).train(), 2, 1, gate_init=0.1)
     before = logits(model, 3)
     Trainer(cfg, model=model, tokenizer=char_tokenizer()).train()
@@ -176,15 +179,15 @@ def test_the_default_recipe_trains_the_shared_weights_and_the_depth_adapters(tmp
 
 
 def test_the_default_recipe_drops_depth_adapters_where_they_cannot_run():
-    default = TrainConfig(max_steps=1)
-    assert default.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK and default.freeze == FULL_WEIGHT_FREEZE
+    default = resolve(TrainConfig.of(max_steps=1), Runtime())
+    assert default.build.depth_lora_rank == DEFAULT_DEPTH_LORA_RANK and default.build.freeze == FULL_WEIGHT_FREEZE
     for options in ({"mode": "dense"}, {"lora_rank": 4}, {"fsdp": True}, {"gradient_checkpointing": True},
                     {"depth_lora_rank": 0}):
-        full = TrainConfig(max_steps=1, **options)
-        assert full.depth_lora_rank == 0 and full.freeze == FULL_WEIGHT_FREEZE, options
+        full = resolve(TrainConfig.of(max_steps=1, **options), Runtime())
+        assert full.build.depth_lora_rank == 0 and full.build.freeze == FULL_WEIGHT_FREEZE, options
     # what is given is kept: adapters on a frozen base (the study's depth_only arm)
-    frozen = TrainConfig(max_steps=1, depth_lora_rank=4, freeze=FROZEN_BASE_FREEZE)
-    assert frozen.depth_lora_rank == 4 and frozen.freeze == FROZEN_BASE_FREEZE
+    frozen = resolve(TrainConfig.of(max_steps=1, depth_lora_rank=4, freeze=FROZEN_BASE_FREEZE), Runtime())
+    assert frozen.build.depth_lora_rank == 4 and frozen.build.freeze == FROZEN_BASE_FREEZE
     # resolving is idempotent: a saved config reads back as the same run
     assert TrainConfig.from_dict(default.to_dict()) == default
 
@@ -192,19 +195,19 @@ def test_the_default_recipe_drops_depth_adapters_where_they_cannot_run():
 def test_depth_adapter_training_options_are_checked():
     common = dict(max_steps=1, depth_lora_rank=4)
     with pytest.raises(ValueError, match="--mode loopus"):
-        TrainConfig(mode="dense", **common)
+        TrainConfig.of(mode="dense", **common)
     with pytest.raises(ValueError, match="not both"):
-        TrainConfig(lora_rank=4, **common)
+        TrainConfig.of(lora_rank=4, **common)
     with pytest.raises(ValueError, match="checkpointing"):
-        TrainConfig(gradient_checkpointing=True, **common)
+        resolve(TrainConfig.of(gradient_checkpointing=True, **common), Runtime())
     with pytest.raises(ValueError, match="supervise-first"):
-        TrainConfig(max_steps=1, kl_base=1.0, supervise_first=False)
+        TrainConfig.of(max_steps=1, kl_base=1.0, supervise_first=False)
 
 
 def kl_step(model, reference, seed: int = 0) -> dict[str, float]:
     ids = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(seed))
-    return rds_step(model, ids, ids.roll(-1, 1), RDSPlan(3, (1, 3)), reference=reference, kl_base=1.0,
-                    lambda_conf=0.0)
+    return rds_step(model, ids, ids.roll(-1, 1), RDSPlan(3, (1, 3)), RDSConfig(kl_base=1.0, lambda_conf=0.0),
+                    reference=reference)
 
 
 def test_kl_to_the_base_is_zero_before_training_and_grows_when_loop_one_moves():
@@ -221,7 +224,7 @@ def test_kl_to_the_base_is_zero_before_training_and_grows_when_loop_one_moves():
     kl_only.zero_grad()
     ids = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     rds_step(kl_only, ids, torch.full_like(ids, -100).index_fill_(1, torch.tensor([0]), 5), RDSPlan(1, (1,)),
-             reference=reference, kl_base=1.0, lambda_conf=0.0)
+             RDSConfig(kl_base=1.0, lambda_conf=0.0), reference=reference)
     with torch.no_grad():
         for p in kl_only.parameters():
             if p.grad is not None:
@@ -237,7 +240,7 @@ def test_kl_training_keeps_one_loop_closer_to_the_base(tmp_path):
     base_logits = tiny_base("llama")(IDS).logits.detach()
     moved = {}
     for kl in (0.0, 5.0):
-        cfg = TrainConfig(out=str(tmp_path / f"kl{kl}"), kl_base=kl, **common)
+        cfg = TrainConfig.of(out=str(tmp_path / f"kl{kl}"), kl_base=kl, **common)
         trainer = Trainer(cfg, model=loopus.convert(tiny_base("llama").train(), 2, 1), tokenizer=char_tokenizer())
         trainer.train()
         one = logits(trainer.core.eval(), 1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loopus.train.objective import (
+    RDSConfig,
     RDSPlan,
     chunked_cross_entropy,
     confidence_targets,
@@ -32,8 +33,8 @@ def batch(seed=0, b=2, s=12, vocab=97):
 def test_sample_plan_respects_ranges_and_is_reproducible():
     seen_horizons, seen_counts = set(), set()
     for seed in range(200):
-        plan = sample_plan(torch.Generator().manual_seed(seed), 3, 7, 1, 3)
-        again = sample_plan(torch.Generator().manual_seed(seed), 3, 7, 1, 3)
+        plan = sample_plan(torch.Generator().manual_seed(seed), RDSConfig(3, 7, 1, 3, supervise_first=False))
+        again = sample_plan(torch.Generator().manual_seed(seed), RDSConfig(3, 7, 1, 3, supervise_first=False))
         assert plan == again
         assert 3 <= plan.horizon <= 7 and 1 <= len(plan.supervised) <= 3
         assert plan.supervised[-1] == plan.horizon  # supervise_last
@@ -46,11 +47,11 @@ def test_sample_plan_respects_ranges_and_is_reproducible():
 def test_supervise_first_always_includes_loop_one_and_leaves_the_default_draws_alone():
     middle = set()
     for seed in range(200):
-        plan = sample_plan(torch.Generator().manual_seed(seed), 2, 6, 2, 3, supervise_first=True)
+        plan = sample_plan(torch.Generator().manual_seed(seed), RDSConfig(2, 6, 2, 3, supervise_first=True))
         assert plan.supervised[0] == 1 and plan.supervised[-1] == plan.horizon
         middle |= set(plan.supervised[1:-1])
         # without the option the draw is the one the earlier releases made (resume of old runs stays exact)
-        default = sample_plan(torch.Generator().manual_seed(seed), 2, 6, 2, 3)
+        default = sample_plan(torch.Generator().manual_seed(seed), RDSConfig(2, 6, 2, 3, supervise_first=False))
         g = torch.Generator().manual_seed(seed)
         horizon = int(torch.randint(2, 7, (1,), generator=g))
         count = min(int(torch.randint(2, 4, (1,), generator=g)), horizon)
@@ -105,7 +106,7 @@ def test_gradient_reaches_exactly_the_trainable_parameters():
     trains = apply_freeze(model, {"embeddings", "encoder"})
     groups = parameter_groups(model)
     ids, labels = batch()
-    rds_step(model, ids, labels, RDSPlan(3, (1, 3)), lambda_conf=1.0)
+    rds_step(model, ids, labels, RDSPlan(3, (1, 3)), RDSConfig(lambda_conf=1.0))
     for name, p in model.named_parameters():
         if trains[name]:
             assert p.grad is not None, f"{name} ({groups[name]}) got no gradient"
@@ -159,7 +160,7 @@ def _graph_bytes_per_backward(model, plan):
 
     ids, labels = batch(s=16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rds_step(model, ids, labels, plan, backward=backward, lambda_conf=0.0)
+        rds_step(model, ids, labels, plan, RDSConfig(lambda_conf=0.0), backward=backward)
     return segments
 
 
@@ -257,12 +258,12 @@ def test_schedule_counts_optimiser_steps_and_tokens_convert_to_steps():
         is_new = {id(p) in new for p in group["params"]}
         assert len(is_new) == 1
         assert group["lr"] == pytest.approx(1e-2 if is_new.pop() else 1e-3)
-    cfg = TrainConfig(max_tokens=1000, seq_len=16, batch_size=2, grad_accum=3)
+    cfg = TrainConfig.of(max_tokens=1000, seq_len=16, batch_size=2, grad_accum=3)
     assert cfg.total_steps() == 11 and cfg.total_steps(num_processes=2) == 6
     with pytest.raises(ValueError, match="max-steps"):
-        TrainConfig()
+        TrainConfig.of()
     with pytest.raises(ValueError, match="freeze"):
-        TrainConfig(max_steps=1, freeze=["encoderz"])
+        TrainConfig.of(max_steps=1, freeze=["encoderz"])
 
 
 def test_plan_flops_count_the_weight_gradients_only_where_weights_train():
@@ -276,5 +277,5 @@ def test_plan_flops_count_the_weight_gradients_only_where_weights_train():
     reasoning = config.num_hidden_layers - 1 - 1
     saved = plan_flops(config, 16, 1, 1, plan) - plan_flops(config, 16, 1, 1, plan, weights_train=False)
     assert saved == pytest.approx(layer * (reasoning * sum(plan.grad_mask()) + 1 * len(plan.supervised)))
-    first = rds_step_flops(config, 16, 1, 1, (2, 4), (2, 2), samples=200, supervise_first=True)
-    assert first != rds_step_flops(config, 16, 1, 1, (2, 4), (2, 2), samples=200)
+    first = rds_step_flops(config, 16, 1, 1, RDSConfig(2, 4, 2, 2, supervise_first=True), samples=200)
+    assert first != rds_step_flops(config, 16, 1, 1, RDSConfig(2, 4, 2, 2, supervise_first=False), samples=200)

@@ -10,7 +10,7 @@ import torch
 import loopus
 from loopus.train.data import build_data
 from loopus.train.evaluation import evaluate
-from loopus.train.objective import RDSPlan, rds_step
+from loopus.train.objective import RDSConfig, RDSPlan, rds_step
 from loopus.train.optim import build_optimizer
 from loopus.train.params import apply_freeze
 
@@ -26,14 +26,14 @@ def test_two_rds_steps_reduce_the_loss_on_real_text(gemma, data_dir):
     assert not trains["base.model.embed_tokens.weight"]  # tied head frozen with the embeddings
     data = build_data(tokenizer, ["enwiki"], str(data_dir), seq_len=48, train_rows=1, valid_rows=1)
     inputs, labels = data.batch(0, 1)
-    before = evaluate(model, [(inputs, labels)], [1, 2], ce_chunk=64)
+    before = evaluate(model, [(inputs, labels)], [1, 2], RDSConfig(ce_chunk=64))
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95))
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
-        metrics = rds_step(model, inputs, labels, RDSPlan(2, (1, 2)), ce_chunk=64)
+        metrics = rds_step(model, inputs, labels, RDSPlan(2, (1, 2)), RDSConfig(ce_chunk=64))
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
         optimizer.step()
-    after = evaluate(model, [(inputs, labels)], [1, 2], ce_chunk=64)
+    after = evaluate(model, [(inputs, labels)], [1, 2], RDSConfig(ce_chunk=64))
     assert 1.0 < before["1"]["loss"] < 8.0  # a pretrained model on real text
     assert after["2"]["loss"] < before["2"]["loss"] - 0.05
     assert after["1"]["loss"] < before["1"]["loss"]

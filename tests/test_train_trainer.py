@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,7 +43,7 @@ def config(out, corpus, **overrides):
                   # these tests are about the trainer's mechanics on full-weight RDS, not the default recipe
                   depth_lora_rank=0, freeze=["embeddings", "encoder"])
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.of(**values)
 
 
 def test_loss_falls_on_a_tiny_model(tmp_path, corpus):
@@ -141,7 +142,7 @@ def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path,
     Trainer(config(tmp_path / "o", corpus, max_steps=3), model=tiny_loopus("llama"), tokenizer=tok, data=packed).train()
     state_file = list_checkpoints(tmp_path / "o")[-1] / STATE_FILE
     state = json.loads(state_file.read_text())
-    del state["config"]["depth_lora_rank"], state["config"]["rows_per_doc"]  # as written before the options existed
+    del state["config"]["build"]["depth_lora_rank"], state["config"]["dataset"]["rows_per_doc"]  # as written before the options existed
     state_file.write_text(json.dumps(state))
     resumed = Trainer(config(tmp_path / "o", corpus, max_steps=4, resume=True), model=tiny_loopus("llama"),
                       tokenizer=tok, data=packed)
@@ -216,7 +217,7 @@ def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
                     tokenizer=tok, data=packed)
     first.train()
     assert [p.name for p in list_checkpoints(tmp_path / "lr")] == ["step-00000002"]
-    assert load_checkpoint(list_checkpoints(tmp_path / "lr")[-1])["state"]["config"]["lr"] == 1e-2
+    assert load_checkpoint(list_checkpoints(tmp_path / "lr")[-1])["state"]["config"]["optim"]["lr"] == 1e-2
     capsys.readouterr()
     for f in (tmp_path / "lr").glob("*.safetensors"):
         f.unlink()
@@ -242,7 +243,7 @@ def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
     assert resumed.scheduler.base_lrs == pytest.approx([1e-3 * m for m in mults])
     out = capsys.readouterr().out
     assert "resuming with lr 0.001 (checkpoint had 0.01)" in out
-    assert json.loads((tmp_path / "lr" / "train_config.json").read_text())["lr"] == 1e-3
+    assert json.loads((tmp_path / "lr" / "train_config.json").read_text())["optim"]["lr"] == 1e-3
     log = [json.loads(line) for line in (tmp_path / "lr" / "logs" / "train.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "lr_rebased" and r["lr"] == 1e-3 and r["checkpoint_lr"] == 1e-2 for r in log)
 
@@ -251,7 +252,7 @@ def test_seq_len_beyond_the_base_models_positions_is_refused(tmp_path, corpus):
     tok = char_tokenizer()  # the tiny models have max_position_embeddings 128
     for mode in ("loopus", "dense"):
         cfg = config(tmp_path / mode, corpus, seq_len=129, mode=mode)
-        cfg.corpus = ["not-there"]
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, corpus=("not-there",)))
         # the refusal comes before any training work: the (missing) corpus is never read
         with pytest.raises(ValueError, match="--seq-len 129 exceeds the base model's max_position_embeddings 128"):
             Trainer(cfg, model=tiny_loopus("llama"), tokenizer=tok)
@@ -296,7 +297,7 @@ def test_dense_from_a_loopus_model_freezes_the_same_encoder_layers(tmp_path, cor
     """The dense baseline trains the layers LoopUS trains: --freeze encoder uses the LoopUS split."""
     cfg = config(tmp_path / "d", corpus, mode="dense", max_steps=1, freeze=["embeddings", "encoder"])
     trainer = Trainer(cfg, model=tiny_loopus("llama", encoder=2), tokenizer=char_tokenizer(), data=packed)
-    encoder = cfg.encoder_layers
+    encoder = trainer.cfg.build.encoder_layers
     assert encoder == 2  # read from the LoopUS model's split
     trains = {n: p.requires_grad for n, p in trainer.module.named_parameters()}
     assert trains and all(not t for n, t in trains.items() if any(f"layers.{i}." in n for i in range(encoder)))

@@ -48,6 +48,7 @@ from .config import LoopUSConfig, check_int, check_num_loops
 from .deprecation import renamed_keyword
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
+from .looped import LoopedModel
 
 MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -121,7 +122,7 @@ class LoopUSCausalLMOutput(CausalLMOutputWithPast):
     loop_passes: torch.LongTensor | None = None
 
 
-class LoopUSForCausalLM(PreTrainedModel, GenerationMixin):
+class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
     config_class = LoopUSConfig
     config: LoopUSConfig
     supports_gradient_checkpointing = True

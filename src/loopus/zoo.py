@@ -4,7 +4,6 @@
 GGUF dequantises it (about a minute) and the result refuses `save_pretrained`, so it is converted
 once into a plain safetensors checkpoint under the cache directory and reloaded from there.
 Any local Hugging Face checkpoint directory, or a hub id where a hub is reachable, works the same.
-`load_for_training` builds what `loopus train` post-trains from any of them or a LoopUS checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import check_finite, check_model_path, is_loopus_checkpoint
+from .checkpoint import check_finite, check_model_path
 from .errors import MissingDependencyError
 
 DEFAULT_BASE = "gemma-3-270m"
@@ -130,60 +129,3 @@ def load_base(
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer
-
-
-def load_for_training(
-    name_or_path: str,
-    looped: bool,
-    encoder_layers: int | None,
-    decoder_layers: int | None,
-    gate_rank: int,
-    gate_init: float,
-    depth_lora_rank: int,
-    depth_lora_alpha: float,
-    depth_lora_count: int = 1,
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, tuple[int | None, int | None]]:
-    """The model to post-train (fp32, train mode), its tokenizer and its (encoder, decoder) split.
-
-    `looped`: a LoopUS model, from a LoopUS checkpoint or a base model converted with the split and
-    gate options (depth-wise adapters of `depth_lora_rank` are added to a checkpoint without them).
-    Otherwise the plain base model: a LoopUS checkpoint's own, whose split is then returned so that
-    the dense baseline can freeze the same layers. `model` (and `tokenizer`) replace loading `name_or_path`.
-    """
-    from .convert import check_split, convert
-
-    split_given = encoder_layers is not None and decoder_layers is not None
-    if model is None:
-        check_base_exists(name_or_path)
-    given_looped = hasattr(model, "loop_step") if model is not None else is_loopus_checkpoint(name_or_path)
-    if looped and not given_looped and not split_given:
-        raise ValueError(f"{name_or_path} is a plain base model: give the split with --encoder-layers N "
-                         "--decoder-layers N (or pass a converted LoopUS checkpoint)")
-    if model is None and given_looped:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path)
-    elif model is None:
-        model, loaded_tokenizer = load_base(name_or_path)
-        tokenizer = tokenizer or loaded_tokenizer
-    if not looped:
-        if given_looped:
-            if not split_given:
-                encoder_layers, decoder_layers = model.config.encoder_layers, model.config.decoder_layers
-            model = model.base
-        elif split_given:
-            check_split(model.config.num_hidden_layers, encoder_layers, decoder_layers)
-    elif not given_looped:
-        model = convert(model, encoder_layers, decoder_layers, gate_rank=gate_rank, gate_init=gate_init,
-                        depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha,
-                        depth_lora_count=depth_lora_count)
-    elif depth_lora_rank > 0 and model.config.depth_lora_rank == 0:
-        model.add_depth_adapters(depth_lora_rank, depth_lora_alpha, depth_lora_count)
-    if looped and depth_lora_rank > 0 and model.config.depth_lora_rank != depth_lora_rank:
-        raise ValueError(f"{name_or_path} has depth adapters of rank {model.config.depth_lora_rank}, not "
-                         f"--depth-lora-rank {depth_lora_rank}")
-    if looped and depth_lora_rank > 0 and model.config.depth_lora_count != depth_lora_count:
-        raise ValueError(f"{name_or_path} has {model.config.depth_lora_count} depth adapter(s), not "
-                         f"--depth-lora-count {depth_lora_count}")
-    return model.float().train(), tokenizer, (encoder_layers, decoder_layers)

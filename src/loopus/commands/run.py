@@ -7,8 +7,8 @@ Each stage is a small function below. Entry points used (all keyword arguments a
 
     analyze   loopus.dynamics.analyze(base, tokenizer, data=, tokens=, out=) -> {"split": {...}}
     convert   loopus.convert(base, encoder_layers, decoder_layers) -> LoopUSForCausalLM
-    train     loopus.train.TrainConfig(...); loopus.train.train(cfg)   (mode="loopus" and mode="dense";
-              the trained model is saved into cfg.out)
+    train     loopus.train.TrainConfig.of(...); loopus.train.train(cfg)   (the default recipe, and the dense
+              recipe for the baseline; the trained model is saved into cfg.out)
     evaluate  loopus.eval.harness.evaluate_hf / evaluate_loopus (lm-eval simple_evaluate, offline tasks)
 
 Profiles: `quick` (CPU, <= 30 minutes on a 2-core machine) and `full` (the GPU recipe).
@@ -27,7 +27,7 @@ from ..deprecation import add_old_flag
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "analyze_tokens": CALIBRATION_TOKENS,
-        # the study's mix and recipe (TrainConfig defaults), 20k tokens, at most 2 rows per document (80
+        # the study's mix, and its recipe (loopus.train.recipes), 20k tokens, at most 2 rows per document (80
         # documents instead of about 4; docs/RESULTS.md, issue 11, "Spread rows"). Loops 2 and 4 show
         # what extra loops do after a short run
         "train": {"max_steps": 40, "seq_len": 128, "batch_size": 4, "corpus": ["enwiki", "eltec_eng"],
@@ -113,8 +113,9 @@ def stage_convert(base, tokenizer, encoder_layers: int, decoder_layers: int, out
 def stage_train(model_dir: Path, out: Path, mode: str, data: str, settings: dict) -> dict:
     from loopus.train import TrainConfig, train
 
-    cfg = TrainConfig(model=str(model_dir), out=str(out), mode=mode, data=data, **settings)
-    return train(cfg)
+    # LoopUS trains the default recipe (TrainConfig's defaults), the baseline the dense recipe
+    recipe = {"recipe": "dense"} if mode == "dense" else {"mode": mode}
+    return train(TrainConfig.of(model=str(model_dir), out=str(out), data=data, **recipe, **settings))
 
 
 def stage_evaluate(models: dict[str, tuple[str, Path]], tasks: list[str], limit, loops, exit_strategy,
@@ -147,12 +148,13 @@ def stage_held_out(models: dict[str, Path], tokenizer, split: tuple[int, int], l
 
     from loopus.convert import as_looped
     from loopus.eval.perplexity import HELD_OUT, held_out_documents, per_loop_perplexity
+    from loopus.looped import looped_view
 
     documents = {corpus: held_out_documents(corpus, data) for corpus in HELD_OUT}
     result: dict[str, dict] = {corpus: {} for corpus in HELD_OUT}
     for label, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        counts = loops if hasattr(model, "loop_step") else [1]
+        counts = looped_view(model).loop_counts(loops)
         model = as_looped(model, *split).eval()
         for corpus, docs in documents.items():
             scores = per_loop_perplexity(model, tokenizer, docs, counts, max_tokens=tokens)

@@ -2,21 +2,33 @@
 
 One concern per module:
 
-- `config`        `TrainConfig`: every training choice, from flags or a YAML/JSON file
-- `objective`     the RDS objective (horizon / supervision sampling, chunked CE, L_LM + beta L_mono + lambda L_Q)
-- `data`          local .txt/.jsonl and HF datasets -> packed, shuffled, mixed token sequences
+- `config`        `TrainConfig` (the sub-configs below, composed) and `resolve(cfg, runtime)`
+- `options`       option fields with their help text, from which the CLI flags are generated
+- `recipes`       named recipes: DEFAULT, FROZEN_BASE, PAPER, DENSE
+- `model`         `BuildConfig`; the model to train, from a base or LoopUS checkpoint
+- `objective`     `RDSConfig`; the RDS objective (plan sampling, chunked CE, L_LM + beta L_mono + lambda L_Q)
+- `data`          `DataConfig`; local .txt/.jsonl and HF datasets -> packed, shuffled, mixed token sequences
 - `params`        what trains: freezing, LoRA (PEFT), gradient checkpointing
-- `optim`         AdamW parameter groups and the warm-up + decay schedule (counted in optimiser steps)
+- `optim`         `OptimConfig`; AdamW parameter groups and the warm-up + decay schedule
 - `checkpointing` atomic, resumable checkpoints (weights, optimiser, RNG, data position)
-- `tracking`      run logs: train.jsonl, TensorBoard and any other Accelerate tracker
+- `tracking`      `LogConfig`; run logs: train.jsonl, TensorBoard and any other Accelerate tracker
 - `evaluation`    validation loss at several loop counts and confidence calibration
-- `trainer`       the Accelerate training loop (single process, DDP)
+- `sharding`      FSDP2 units and full state dicts
+- `flops`         model FLOPs of a step, for MFU
+- `trainer`       the Accelerate training loop (single process, DDP, FSDP)
 """
 
 import importlib
 
 _EXPORTS = {
     "TrainConfig": "config",
+    "Runtime": "config",
+    "resolve": "config",
+    "BuildConfig": "model",
+    "DataConfig": "data",
+    "RDSConfig": "objective",
+    "OptimConfig": "optim",
+    "LogConfig": "tracking",
     "RDSPlan": "objective",
     "chunked_cross_entropy": "objective",
     "confidence_targets": "objective",

@@ -44,6 +44,7 @@ import torch
 from ..errors import LoopUSError, MissingDependencyError
 from ..paths import data_path as resolve_data_path
 from ..text import IGNORE_INDEX, read_text_files
+from .options import Section, need_at_least, option, parse_strings
 
 PAD_SLOT = -1  # padding in a stored row: an ignored label, and never attended by the tokens before it
 PACKINGS = ("documents", "stream")
@@ -318,3 +319,42 @@ def build_data(
         valid_parts.append(valid)
         mix[source.name] = int(train.shape[0])
     return PackedData(torch.cat(train_parts), torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix)
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """What the run reads and in which order: a resumed run must agree on all of it."""
+
+    data: str | None = option(None, "data directory (default $LOOPUS_DATA) or a .txt/.jsonl file")
+    corpus: tuple[str, ...] = option(("enwiki",), "comma list of corpora: NAME, FILE or "
+                                     "hf:NAME[:CONFIG], each optionally =WEIGHT", parse=parse_strings)
+    text_field: str = option("text", "JSONL field holding the text")
+    seq_len: int = option(512, "tokens per packed sequence")
+    packing: str = option("documents", "documents: every row inside one document, starting with the tokenizer's "
+                          "BOS; stream: documents concatenated and cut, rows start mid-document",
+                          choices=("documents", "stream"))
+    rows_per_doc: int | None = option(None, "at most this many training rows per document, evenly spaced through "
+                                      "it, so a small budget covers many documents (default: every row)", parse=int)
+    batch_size: int = option(4, "sequences per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    val_tokens: int = option(16384, "validation tokens")
+    val_fraction: float = option(0.01, "documents held out for validation when a corpus has no valid file")
+    seed: int = option(0, "seed for init, data order and the horizon/supervision draws")
+
+    def check(self) -> None:
+        need_at_least(self, ("seq_len", "batch_size", "grad_accum"), 1)
+        if self.packing not in ("documents", "stream"):
+            raise ValueError(f"packing must be documents or stream, got {self.packing!r}")
+        if self.rows_per_doc is not None and (self.rows_per_doc < 1 or self.packing != "documents"):
+            raise ValueError(f"rows_per_doc must be >= 1 with packing=documents, got {self.rows_per_doc} with "
+                             f"packing={self.packing}")
+
+    def tokens_per_step(self, num_processes: int = 1) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * num_processes
+
+
+def load_data(tokenizer, cfg: DataConfig, train_rows: int) -> PackedData:
+    """`build_data` with the run's data options: `train_rows` training rows and `cfg.val_tokens` of validation."""
+    return build_data(tokenizer, list(cfg.corpus), cfg.data, cfg.seq_len, train_rows,
+                      max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field, cfg.val_fraction,
+                      cfg.packing, cfg.rows_per_doc)

@@ -14,40 +14,36 @@ from typing import Callable, Iterable
 
 import torch
 
-from .config import TrainConfig
-from .objective import chunked_cross_entropy, confidence_targets, final_hidden, logits_function
+from ..looped import looped_view
+from .objective import chunked_cross_entropy, confidence_targets, RDSConfig
 
 BINS = 10
 
 
 @torch.no_grad()
 def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loops: list[int],
-                    margin: float = 0.05, ce_chunk: int = TrainConfig.ce_chunk, device=None) -> torch.Tensor:
-    """Sums per loop count: rows = loops, columns = [nll, tokens, correct, conf, target, brier, exit@0.5,
-    then BINS x (count, conf sum, target sum)]."""
-    loops = sorted(set(loops))
+                    cfg: RDSConfig = RDSConfig(), device=None) -> torch.Tensor:
+    """Sums per loop count (`model.loop_counts(loops)`): rows = loops, columns = [nll, tokens, correct, conf,
+    target, brier, exit@0.5, then BINS x (count, conf sum, target sum)]; the confidence columns stay 0 for a
+    model without a confidence head."""
+    model = looped_view(model)
+    loops = model.loop_counts(loops)
     stats = torch.zeros(len(loops), 7 + 3 * BINS, dtype=torch.float64, device=device)
-    logits_fn = logits_function(model)
-    looped = hasattr(model, "loop_step")
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device), labels.to(device)
-        if not looped:
-            hidden = final_hidden(model, input_ids)
-            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
-            stats[0, 0] += ce.nll.double().sum()
-            stats[0, 1] += ce.count
-            stats[0, 2] += (ce.pred == labels[ce.valid]).sum()
-            continue
         per_loop = []
         for _, state, hidden in model.per_loop_hidden(input_ids, loops):
-            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk)
-            per_loop.append((ce, model.confidence_head(state)[ce.valid].double()))
+            ce = chunked_cross_entropy(hidden, labels, model.lm_logits, cfg.ce_chunk)
+            head = model.confidence_head
+            per_loop.append((ce, head(state)[ce.valid].double() if head is not None else None))
         ref = per_loop[-1][0]
         for row, (ce, conf) in enumerate(per_loop):
-            target = confidence_targets(ce.nll, ce.pred, ref.nll, ref.pred, margin).double()
             stats[row, 0] += ce.nll.double().sum()
             stats[row, 1] += ce.count
             stats[row, 2] += (ce.pred == labels[ce.valid]).sum()
+            if conf is None:
+                continue
+            target = confidence_targets(ce.nll, ce.pred, ref.nll, ref.pred, cfg.conf_margin).double()
             stats[row, 3] += conf.sum()
             stats[row, 4] += target.sum()
             stats[row, 5] += ((conf - target) ** 2).sum()
@@ -61,15 +57,16 @@ def loop_statistics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     return stats
 
 
-def summarize(stats: torch.Tensor, loops: list[int], looped: bool = True) -> dict[str, dict[str, float]]:
-    loops = sorted(set(loops)) if looped else [1]
+def summarize(stats: torch.Tensor, loops: list[int], calibrated: bool = True) -> dict[str, dict[str, float]]:
+    """Per loop count (rows of `stats`, in order): loss, perplexity, accuracy and, `calibrated`, the
+    confidence head's calibration."""
     out = {}
     for row, n in enumerate(loops):
         s = stats[row].tolist()
         tokens = max(s[1], 1.0)
         entry = {"loss": s[0] / tokens, "ppl": math.exp(min(s[0] / tokens, 50.0)), "acc": s[2] / tokens,
                  "tokens": int(s[1])}
-        if looped:
+        if calibrated:
             ece = sum(abs(s[8 + 3 * b] - s[9 + 3 * b]) for b in range(BINS)) / tokens
             entry.update(conf=s[3] / tokens, conf_target=s[4] / tokens, brier=s[5] / tokens,
                          exit_at_0_5=s[6] / tokens, ece=ece)
@@ -77,15 +74,16 @@ def summarize(stats: torch.Tensor, loops: list[int], looped: bool = True) -> dic
     return out
 
 
-def evaluate(model, batches, loops: list[int], margin: float = 0.05, ce_chunk: int = TrainConfig.ce_chunk, device=None,
+def evaluate(model, batches, loops: list[int], cfg: RDSConfig = RDSConfig(), device=None,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-    """Validation metrics keyed by loop count (a dense model reports one entry, "1")."""
+    """Validation metrics keyed by loop count (a plain causal LM reports its one loop, "1")."""
     was_training = model.training
     model.eval()
     try:
-        stats = loop_statistics(model, batches, loops, margin, ce_chunk, device)
+        stats = loop_statistics(model, batches, loops, cfg, device)
     finally:
         model.train(was_training)
     if reduce is not None:
         stats = reduce(stats)
-    return summarize(stats, loops, looped=hasattr(model, "loop_step"))
+    view = looped_view(model)
+    return summarize(stats, view.loop_counts(loops), calibrated=view.confidence_head is not None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .objective import sample_plan
+from .objective import RDSConfig, sample_plan
 
 
 def layer_flops(config, context: float) -> float:
@@ -54,15 +54,14 @@ def dense_step_flops(config, seq_len: int, frozen_front_layers: int = 0, gradien
     return total + head * (3 + (1 if head_trains else 0))
 
 
-def rds_step_flops(config, seq_len: int, encoder: int, decoder: int, horizon: tuple[int, int],
-                   supervised: tuple[int, int], grad_steps: int = 1, gradient_checkpointing: bool = False,
-                   samples: int = 4000, head_trains: bool = False, supervise_first: bool = False,
+def rds_step_flops(config, seq_len: int, encoder: int, decoder: int, rds: RDSConfig = RDSConfig(),
+                   gradient_checkpointing: bool = False, samples: int = 4000, head_trains: bool = False,
                    weights_train: bool = True) -> float:
-    """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plan distribution."""
+    """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plans `rds` draws."""
     generator = torch.Generator().manual_seed(0)
     total = 0.0
     for _ in range(samples):
-        plan = sample_plan(generator, *horizon, *supervised, grad_steps, supervise_first=supervise_first)
+        plan = sample_plan(generator, rds)
         total += plan_flops(config, seq_len, encoder, decoder, plan, gradient_checkpointing, head_trains, weights_train)
     return total / samples
 
@@ -81,3 +80,14 @@ def plan_flops(config, seq_len: int, encoder: int, decoder: int, plan, gradient_
     dec = len(plan.supervised) * (layer * decoder * (1 + backward + (1 if gradient_checkpointing else 0))
                                   + head * (3 + (1 if head_trains else 0)))
     return fwd + bwd + dec
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s by device name
+
+
+def peak_flops() -> float | None:
+    """This GPU's dense bf16 peak in FLOP/s, for model-FLOPs utilisation; None on a CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)

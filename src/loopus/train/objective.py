@@ -61,9 +61,49 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..modeling import soft_cap
-from .config import TrainConfig
+from ..looped import LoopedModel, looped_view
 from .data import IGNORE_INDEX
+from .options import Section, need_at_least, option
+from .recipes import DEFAULT
+
+CE_CHUNK = 256  # positions per cross-entropy chunk: caps the live logits
+
+
+@dataclass(frozen=True)
+class RDSConfig(Section):
+    """The objective: how plans are drawn (T, S, k) and the weights of the loss terms."""
+
+    horizon_min: int = option(DEFAULT["horizon_min"], "smallest sampled horizon T")
+    horizon_max: int = option(DEFAULT["horizon_max"], "largest sampled horizon T")
+    supervised_min: int = option(DEFAULT["supervised_min"], "fewest supervised steps |S| (capped at T)")
+    supervised_max: int = option(DEFAULT["supervised_max"], "most supervised steps |S|")
+    grad_steps: int = option(DEFAULT["grad_steps"], "k: loop steps with gradient before each supervised step")
+    supervise_last: bool = option(DEFAULT["supervise_last"], "always supervise step T (the confidence target "
+                                  "needs the final state)")
+    supervise_first: bool = option(DEFAULT["supervise_first"], "always supervise loop 1 (keeps the one-loop model "
+                                   "trained every batch)")
+    beta_mono: float = option(DEFAULT["beta_mono"], "weight of the monotonicity loss")
+    lambda_conf: float = option(DEFAULT["lambda_conf"], "weight of the confidence loss")
+    conf_margin: float = option(DEFAULT["conf_margin"], "nats an early exit may cost and still count as safe")
+    kl_base: float = option(DEFAULT["kl_base"], "weight of KL(base model || loop 1) (needs --supervise-first true)")
+    ce_chunk: int = option(CE_CHUNK, "positions per cross-entropy chunk (caps live logits)")
+
+    def check(self) -> None:
+        if not 1 <= self.horizon_min <= self.horizon_max:
+            raise ValueError(f"need 1 <= horizon_min <= horizon_max, got {self.horizon_min}, {self.horizon_max}")
+        if not 1 <= self.supervised_min <= self.supervised_max:
+            raise ValueError(
+                f"need 1 <= supervised_min <= supervised_max, got {self.supervised_min}, {self.supervised_max}"
+            )
+        need_at_least(self, ("grad_steps", "ce_chunk"), 1)
+        if self.kl_base < 0:
+            raise ValueError(f"kl_base must be >= 0, got {self.kl_base}")
+        if self.kl_base > 0 and not self.supervise_first:
+            raise ValueError("--kl-base is a loop-1 term: it needs --mode loopus and --supervise-first true")
+
+
+# a model with one loop (dense training) runs this plan: loop 1, supervised
+ONE_LOOP = dict(horizon_min=1, horizon_max=1, supervised_min=1, supervised_max=1)
 
 
 @dataclass(frozen=True)
@@ -97,53 +137,23 @@ class RDSPlan:
         return mask[1:]
 
 
-def sample_plan(
-    generator: torch.Generator,
-    horizon_min: int,
-    horizon_max: int,
-    supervised_min: int,
-    supervised_max: int,
-    grad_steps: int = 1,
-    supervise_last: bool = True,
-    supervise_first: bool = False,
-) -> RDSPlan:
+def sample_plan(generator: torch.Generator, cfg: RDSConfig = RDSConfig()) -> RDSPlan:
     """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume).
 
     `supervise_last` / `supervise_first` put step T / step 1 in S every time; the rest of S is drawn
     from the other steps. Supervising loop 1 every batch keeps the one-loop model (the base model at
     initialisation) trained on every batch, instead of only when the draw happens to reach it.
     """
-    horizon = int(torch.randint(horizon_min, horizon_max + 1, (1,), generator=generator))
-    count = int(torch.randint(supervised_min, supervised_max + 1, (1,), generator=generator))
+    horizon = int(torch.randint(cfg.horizon_min, cfg.horizon_max + 1, (1,), generator=generator))
+    count = int(torch.randint(cfg.supervised_min, cfg.supervised_max + 1, (1,), generator=generator))
     count = min(count, horizon)
-    fixed = {horizon} if supervise_last else set()
-    if supervise_first:
+    fixed = {horizon} if cfg.supervise_last else set()
+    if cfg.supervise_first:
         fixed.add(1)
     pool = [s for s in range(1, horizon + 1) if s not in fixed]
     drawn = torch.randperm(len(pool), generator=generator)[: max(0, count - len(fixed))]
     steps = sorted(fixed | {pool[int(i)] for i in drawn})
-    return RDSPlan(horizon, tuple(steps), grad_steps)
-
-
-def logits_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden (after the final norm) -> logits, including Gemma's final logit soft-capping."""
-    if hasattr(model, "lm_logits"):
-        return model.lm_logits
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return lambda hidden: soft_cap(head(hidden), cap)
-
-
-def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The final-normed hidden states of a plain causal LM, through its own `forward`.
-
-    The head is applied to no position here (`logits_to_keep` is empty): the caller computes the
-    logits chunk by chunk. Going through the root `forward` (not `model.model`) is what lets FSDP
-    gather the root's parameters, embeddings and final norm included.
-    """
-    no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
-    return out.hidden_states[-1]
+    return RDSPlan(horizon, tuple(steps), cfg.grad_steps)
 
 
 @dataclass
@@ -160,7 +170,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    chunk: int = TrainConfig.ce_chunk,
+    chunk: int = CE_CHUNK,
     reference: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> ChunkedCE:
     """Next-token CE of `hidden` (batch, seq, hidden; already aligned with `labels`) without full logits.
@@ -229,34 +239,28 @@ def rds_step(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     plan: RDSPlan,
+    cfg: RDSConfig = RDSConfig(),
     *,
-    beta_mono: float = 0.1,
-    lambda_conf: float = 0.1,
-    conf_margin: float = 0.05,
-    ce_chunk: int = TrainConfig.ce_chunk,
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     reference=None,
-    kl_base: float = 0.0,
 ) -> dict[str, float]:
-    """One batch of random deep supervision on a `LoopUSForCausalLM`; calls backward per supervised step.
+    """One batch of random deep supervision on a looped model (`loopus.looped`; a plain causal LM runs as
+    one loop); calls backward per supervised step.
 
     `labels` are aligned with `input_ids` (position i predicts labels[i]); IGNORE_INDEX is ignored.
     `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps). With a frozen
-    `reference` model (the LoopUS model before training) and `kl_base > 0`, loop 1's loss adds
+    `reference` model (the LoopUS model before training) and `cfg.kl_base > 0`, loop 1's loss adds
     `kl_base` x KL(reference's loop 1 || loop 1) when loop 1 is supervised.
     Returns detached metrics: `lm@t` per supervised step, `kl@1`, `mono`, `conf`, `conf_target`, `horizon`.
     """
+    model: LoopedModel = looped_view(model)
     backward = backward or (lambda loss: loss.backward())
-    logits_fn = logits_function(model)
-    config = model.config
     supervised = set(plan.supervised)
     starts = set(plan.window_starts().values())
     grad_mask = plan.grad_mask()
-    front = [model.get_input_embeddings(), *[model.layers[i] for i in range(config.encoder_layers)]]
-    front_trainable = grad_mask[0] and _any_grad(front)
-    head_trainable = lambda_conf > 0 and _any_grad([model.confidence_head])
+    front_trainable = grad_mask[0] and _any_grad(model.front_modules())
 
     metrics: dict[str, float] = {"horizon": float(plan.horizon)}
     records = []  # (detached state, nll, pred) per supervised step, for the confidence loss
@@ -277,16 +281,16 @@ def rds_step(
                 continue
             hidden = model.decode(state, ctx)
             ref = None
-            if t == 1 and reference is not None and kl_base > 0:
+            if t == 1 and reference is not None and cfg.kl_base > 0:
                 with torch.no_grad():
                     ref = (one_loop_hidden(reference, input_ids), reference.lm_logits)
-            ce = chunked_cross_entropy(hidden, labels, logits_fn, ce_chunk, ref)
+            ce = chunked_cross_entropy(hidden, labels, model.lm_logits, cfg.ce_chunk, ref)
             lm = ce.loss_sum / max(ce.count, 1)
             mono = torch.relu(lm - previous_lm) if previous_lm is not None else lm.new_zeros(())
-            loss = lm + beta_mono * mono
+            loss = lm + cfg.beta_mono * mono
             if ce.kl_sum is not None:
                 kl = ce.kl_sum / max(ce.count, 1)
-                loss = loss + kl_base * kl
+                loss = loss + cfg.kl_base * kl
                 metrics["kl@1"] = float(kl.detach())
             loss = loss / len(supervised)
             if loss.requires_grad:
@@ -301,17 +305,18 @@ def rds_step(
         metrics["mono"] = mono_total / len(supervised)
 
         if len(records) > 1:
+            head_trainable = cfg.lambda_conf > 0 and _any_grad([model.confidence_head])
             _, ref_nll, ref_pred, _ = records[-1]
             bce_terms, target_rate = [], []
             for state_t, nll, pred, valid in records[:-1]:
-                target = confidence_targets(nll, pred, ref_nll, ref_pred, conf_margin)
+                target = confidence_targets(nll, pred, ref_nll, ref_pred, cfg.conf_margin)
                 with torch.set_grad_enabled(head_trainable):
                     logit = model.confidence_head.logits(state_t)[valid]
                 bce_terms.append(F.binary_cross_entropy_with_logits(logit, target))
                 target_rate.append(float(target.mean()) if target.numel() else 0.0)
             conf_loss = torch.stack(bce_terms).mean()
             if head_trainable and conf_loss.requires_grad:
-                backward(lambda_conf * conf_loss * loss_scale)
+                backward(cfg.lambda_conf * conf_loss * loss_scale)
             metrics["conf"] = float(conf_loss.detach())
             metrics["conf_target"] = sum(target_rate) / len(target_rate)
             if not torch.isfinite(conf_loss.detach()):
@@ -325,20 +330,11 @@ def dense_step(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ce_chunk: int = TrainConfig.ce_chunk,
+    ce_chunk: int = CE_CHUNK,
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Plain continued training of an (unlooped) causal LM on the same packed batch, chunked CE."""
-    backward = backward or (lambda loss: loss.backward())
-    with autocast():
-        hidden = final_hidden(model, input_ids)
-        ce = chunked_cross_entropy(hidden, labels, logits_function(model), ce_chunk)
-        lm = ce.loss_sum / max(ce.count, 1)
-        if lm.requires_grad:
-            backward(lm * loss_scale)
-    metrics = {"lm": float(lm.detach())}
-    if not torch.isfinite(lm.detach()):
-        metrics["nonfinite"] = 1.0
-    return metrics
+    """Plain continued training of an (unlooped) causal LM on the same packed batch: its one loop, supervised."""
+    return rds_step(model, input_ids, labels, RDSPlan(1, (1,)), RDSConfig(**ONE_LOOP, ce_chunk=ce_chunk),
+                    loss_scale=loss_scale, backward=backward, autocast=autocast)

@@ -10,10 +10,55 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..adapters import ADAPTER_NAME
+from .options import Section, option, parse_floats
+from .recipes import DEFAULT
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    """AdamW and its schedule, all counted in optimiser steps."""
+
+    lr: float = option(DEFAULT["lr"], "peak learning rate")
+    new_module_lr_mult: float = option(DEFAULT["new_module_lr_mult"], "lr multiplier for the new gate and "
+                                       "confidence head")
+    adapter_lr_mult: float = option(DEFAULT["adapter_lr_mult"], "lr multiplier for the depth-wise adapters")
+    min_lr_ratio: float = option(DEFAULT["min_lr_ratio"], "final lr / peak lr")
+    weight_decay: float = option(DEFAULT["weight_decay"], "AdamW weight decay (matrices only)")
+    betas: tuple[float, float] = option(DEFAULT["betas"], "AdamW betas, e.g. 0.9,0.95", parse=parse_floats)
+    warmup_steps: int | None = option(None, "linear warm-up, in optimiser steps (default: --warmup-ratio of the "
+                                      "run)", parse=int)
+    warmup_ratio: float = option(DEFAULT["warmup_ratio"], "warm-up as a share of the run's optimiser steps, when "
+                                 "--warmup-steps is not given")
+    schedule: str = option(DEFAULT["schedule"], "lr after the warm-up", choices=SCHEDULES)
+    max_grad_norm: float = option(DEFAULT["max_grad_norm"], "gradient clipping norm (0: off)")
+
+    def check(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError(f"need warmup_steps >= 0 and 0 <= warmup_ratio < 1, got {self.warmup_steps}, "
+                             f"{self.warmup_ratio}")
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up length in optimiser steps."""
+        return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total_steps)
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.lr, self.weight_decay, self.betas, self.new_module_lr_mult,
+                               self.adapter_lr_mult)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int,
+                  step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+        return build_scheduler(optimizer, total_steps, self.warmup(total_steps), self.schedule, self.min_lr_ratio,
+                               step)
 
 
 def is_new_module(name: str) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..compat import checkpointing_method
+from ..looped import LoopedModel
 
 
 def base_layers(model: nn.Module) -> nn.ModuleList:
@@ -24,12 +25,12 @@ def base_layers(model: nn.Module) -> nn.ModuleList:
 
 def _inner(model: nn.Module) -> nn.Module:
     """The base causal LM (LoopUS models wrap it as `.base`)."""
-    return model.base if hasattr(model, "base") and hasattr(model, "loop_step") else model
+    return model.base if isinstance(model, LoopedModel) else model
 
 
 def parameter_groups(model: nn.Module, encoder_layers: int = 0, decoder_layers: int = 0) -> dict[str, str]:
     """Map every parameter name of `model` to its group; raises if a parameter belongs to none."""
-    looped = hasattr(model, "loop_step")
+    looped = isinstance(model, LoopedModel)
     if looped:
         encoder_layers, decoder_layers = model.config.encoder_layers, model.config.decoder_layers
     base = _inner(model)

@@ -1,16 +1,16 @@
 """FSDP2 for training: parameters, gradients and optimiser state sharded across processes.
 
-Random deep supervision does not run the model's `forward`: it calls the pieces (`embed`, `encode`,
-`loop_step`, `decode`, `lm_logits`, `confidence_head.logits`) and calls `backward()` once per
-supervised step. FSDP2 gathers a unit's parameters in a pre-forward hook, so every piece must be the
-forward of a unit or a method registered as one:
+Random deep supervision does not run the model's `forward`: it calls the pieces of the looped-model
+contract (`loopus.looped`) and calls `backward()` once per supervised step. FSDP2 gathers a unit's
+parameters in a pre-forward hook, so every piece must be the forward of a unit or a method registered
+as one:
 
 - each decoder layer, the gate and the confidence head are units of their own;
 - the root unit holds the rest (embeddings, final norm, head; a tied head has to share the
-  embedding's unit) and registers `embed`, `decode` and `lm_logits` as forward methods.
+  embedding's unit) and registers the contract's `ROOT_PIECES` as forward methods.
 
-A dense (unlooped) model is run through its root `forward` (`objective.final_hidden`), so its layers
-and root unit suffice. Several backwards per optimiser step are fine: each one reduce-scatters into
+A dense (unlooped) model is run through its root `forward` (`looped.OneLoop`), so its layers and root
+unit suffice. Several backwards per optimiser step are fine: each one reduce-scatters into
 the sharded gradients, which accumulate until the step. Checkpoints and the final model are written
 from full (gathered) state dicts, so they are the same files a single-process run writes.
 """
@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from ..looped import LoopedModel
 from .params import base_layers
 
-ROOT_METHODS = ("embed", "decode", "lm_logits")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -43,14 +43,14 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in base_layers(model):
         fully_shard(layer, mp_policy=policy)
-    looped = hasattr(model, "loop_step")
+    looped = isinstance(model, LoopedModel)
     if looped:
         fully_shard(model.gate, mp_policy=policy)
         fully_shard(model.confidence_head, mp_policy=policy)
         register_fsdp_forward_method(model.confidence_head, "logits")
     fully_shard(model, mp_policy=policy)
     if looped:
-        for name in ROOT_METHODS:
+        for name in LoopedModel.ROOT_PIECES:
             register_fsdp_forward_method(model, name)
     return model
 

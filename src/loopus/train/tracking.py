@@ -1,5 +1,6 @@
 """Run logs as Accelerate trackers: `logs/train.jsonl` always, TensorBoard in `logs/tb`, and any tracker
-Accelerate knows (W&B, MLflow, Aim, ...) named in `TrainConfig.log_with`.
+Accelerate knows (W&B, MLflow, Aim, ...) named in `LogConfig.log_with`. `LogConfig` also holds how
+often the run logs, validates and writes checkpoints.
 
 A record is one event of the run (`{"step": 3, "lm": 2.1, ...}`, `{"event": "validation", "valid":
 {"2": {"loss": ...}}}`). The JSONL log keeps it whole; the metric trackers get its numbers under
@@ -9,6 +10,7 @@ A record is one event of the run (`{"step": 3, "lm": 2.1, ...}`, `{"event": "val
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,33 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, get_available_trackers
 from accelerate.utils import is_tensorboard_available
 
-from .config import TrainConfig
+from .options import Section, option, parse_ints, parse_strings
 
 PROJECT = "loopus"  # the project trackers such as W&B file the run under
+
+
+@dataclass(frozen=True)
+class LogConfig(Section):
+    """Logging, validation and checkpoints: when and where, not what is trained."""
+
+    log_every: int = option(1, "log every N optimiser steps")
+    eval_every: int = option(0, "validate every N steps (0: before and after only)")
+    eval_loops: tuple[int, ...] = option((1, 2, 4, 8), "loop counts to validate at, e.g. 1,2,4,8", parse=parse_ints)
+    eval_batch_size: int = option(4, "validation batch size")
+    eval_at_start: bool = option(True, "validate before training")
+    eval_at_end: bool = option(True, "validate after training")
+    save_every: int = option(0, "checkpoint every N optimiser steps (0: final model only)")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    progress: bool = option(True, "progress bar")
+    tensorboard: bool = option(True, "TensorBoard logs in OUT/logs/tb")
+    log_with: tuple[str, ...] = option((), "comma list of more Accelerate trackers (wandb, mlflow, aim, comet_ml, "
+                                       "...); TensorBoard is --tensorboard", parse=parse_strings)
+
+    def check(self) -> None:
+        if "tensorboard" in self.log_with:
+            raise ValueError("TensorBoard is the `tensorboard` option (on by default): leave it out of log_with")
+        if any(n < 1 for n in self.eval_loops):
+            raise ValueError(f"eval loop counts must be >= 1, got {list(self.eval_loops)}")
 
 
 class JSONLTracker(GeneralTracker):
@@ -46,7 +72,7 @@ class JSONLTracker(GeneralTracker):
             handle.write(json.dumps(values if record is None else record) + "\n")
 
 
-def build_trackers(cfg: TrainConfig, out: Path) -> list[GeneralTracker | str]:
+def build_trackers(cfg: LogConfig, out: Path) -> list[GeneralTracker | str]:
     """`Accelerator(log_with=...)` for a run writing into `out`: TensorBoard only where it is installed,
     and a tracker named in `cfg.log_with` must be (Accelerate would leave it out without a word)."""
     missing = sorted(set(cfg.log_with) - {str(tracker) for tracker in get_available_trackers()})

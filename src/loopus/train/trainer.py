@@ -18,6 +18,7 @@ step and the data order does not depend on P's choice of sharding.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -28,12 +29,12 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..errors import LoopUSError
-from ..zoo import load_for_training
+from ..looped import LoopedModel
 from .checkpointing import (
     finalize_checkpoint,
     latest_checkpoint,
@@ -43,11 +44,12 @@ from .checkpointing import (
     prepare_staging,
     staging_dir,
 )
-from .config import TrainConfig
-from .data import PackedData, build_data
+from .config import RESUMED_AS_WHOLES, Runtime, TrainConfig, resolve
+from .data import PackedData, load_data
 from .evaluation import evaluate
-from .objective import dense_step, rds_step, sample_plan
-from .optim import build_optimizer, build_scheduler
+from .model import build_model
+from .objective import rds_step, sample_plan
+from .optim import OptimConfig
 from .params import (
     apply_freeze,
     apply_lora,
@@ -59,23 +61,18 @@ from .params import (
 from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trainable, load_sharded, shard_model
 from .tracking import build_trackers, log_record
 
-# a resumed run must agree with its checkpoint on everything that decides the data and the plan
-RESUME_KEYS = ("mode", "corpus", "seq_len", "packing", "rows_per_doc", "batch_size", "grad_accum", "seed", "horizon_min",
-               "horizon_max", "supervised_min", "supervised_max", "grad_steps", "supervise_last", "supervise_first",
-               "lora_rank", "depth_lora_rank", "freeze")
-
 
 class TrainingDiverged(LoopUSError, RuntimeError):
     """A loss or gradient became NaN/inf; training stopped before the optimiser step."""
 
 
-def check_seq_len(cfg: TrainConfig, model) -> None:
+def check_seq_len(seq_len: int, model) -> None:
     """Refuse a `seq_len` beyond the positions the base model was built for (before any training work)."""
     config = model.config
     config = getattr(config, "base_config", None) or config  # LoopUS wraps the base model's config
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.seq_len > limit:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the base model's max_position_embeddings {limit}: "
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the base model's max_position_embeddings {limit}: "
                          f"use --seq-len {limit} or less")
 
 
@@ -83,7 +80,7 @@ class Trainer:
     """Build everything from a `TrainConfig` and run it: `Trainer(cfg).train()` returns the metrics.
 
     `model`, `tokenizer` and `data` may be given directly (tests, notebooks); otherwise they are loaded
-    from `cfg.model` and `cfg.corpus`. `callbacks` are called as `fn(trainer, step, metrics)` after each
+    from `cfg.build.model` and `cfg.dataset.corpus`. `callbacks` are called as `fn(trainer, step, metrics)` after each
     optimiser step. Records go to the trackers of `tracking.build_trackers`; an `accelerator` passed in
     logs to the trackers it was built with (`Accelerator(log_with=...)`).
     """
@@ -91,56 +88,45 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, data: PackedData | None = None,
                  callbacks: list[Callable[["Trainer", int, dict], None]] | None = None,
                  accelerator: Accelerator | None = None):
-        self.cfg = cfg
+        # the run's own copy, resolved for where it runs; the caller's config is never changed
+        self.cfg = cfg = resolve(cfg, Runtime.of(accelerator) if accelerator is not None else Runtime.detect())
         self.callbacks = callbacks or []
         self.out = Path(cfg.out)
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "fp32"
         self.accelerator = accelerator or Accelerator(
-            mixed_precision="bf16" if precision == "bf16" else "no", log_with=build_trackers(cfg, self.out),
+            mixed_precision="bf16" if cfg.precision == "bf16" else "no", log_with=build_trackers(cfg.logging, self.out),
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.sharded = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
-        if self.sharded and cfg.lora_rank > 0:
-            raise ValueError("LoRA adapters cannot be trained with FSDP: drop --fsdp (replicated training "
-                             "supports LoRA) or train full weights with --lora-rank 0")
-        if self.sharded and cfg.depth_lora_rank > 0:
-            raise ValueError("depth-wise adapters are switched per loop, which FSDP does not replay: train full "
-                             "weights with --depth-lora-rank 0 (the default under --fsdp)")
+        self.sharded = cfg.fsdp
         if self.sharded and not torch.distributed.is_initialized():
             raise ValueError("--fsdp needs a process group: start the run with `accelerate launch` (or torchrun)")
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        set_seed(cfg.seed)
-        self._build_model(model, tokenizer, bf16=precision == "bf16")
-        self.total_steps = cfg.total_steps(self.world)
+        set_seed(cfg.dataset.seed)
+        self._build_model(model, tokenizer, bf16=cfg.precision == "bf16")
+        self.total_steps = self.cfg.total_steps(self.world)
         self.data = data if data is not None else self._build_data()
-        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.new_module_lr_mult,
-                                         cfg.adapter_lr_mult)
+        self.optimizer = self.cfg.optim.optimizer(self.module)
         self.scheduler = self._schedule(step=0)
         self.step = 0
         self.tokens = 0
         self.history: dict[str, Any] = {}
 
     def _build_model(self, model, tokenizer, bf16: bool) -> None:
-        """The model as built (`zoo.load_for_training`), frozen, adapted, on this process's device, sharded."""
-        cfg, acc = self.cfg, self.accelerator
-        model, self.tokenizer, split = load_for_training(
-            cfg.model, cfg.mode == "loopus", cfg.encoder_layers, cfg.decoder_layers, cfg.gate_rank, cfg.gate_init,
-            cfg.depth_lora_rank, cfg.depth_lora_alpha, cfg.depth_lora_count, model=model, tokenizer=tokenizer)
-        cfg.encoder_layers, cfg.decoder_layers = split  # dense from a LoopUS model: freeze by the model's split
-        self.looped = hasattr(model, "loop_step")
-        check_seq_len(cfg, model)
-        split = (cfg.encoder_layers or 0, cfg.decoder_layers or 0)
-        apply_freeze(model, cfg.frozen, *split)
-        if cfg.gradient_checkpointing:
+        """The model as built (`model.build_model`), frozen, adapted, on this process's device, sharded."""
+        acc = self.accelerator
+        model, self.tokenizer, build = build_model(self.cfg.build, model=model, tokenizer=tokenizer)
+        self.cfg = cfg = dataclasses.replace(self.cfg, build=build)  # dense from a LoopUS model: its split
+        self.looped = isinstance(model, LoopedModel)
+        check_seq_len(cfg.dataset.seq_len, model)
+        apply_freeze(model, build.frozen, *build.split)
+        if build.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.core = model                       # the module whose pieces (encode, loop_step, ...) run
         self.module = model                     # the module whose parameters train (a PeftModel with LoRA)
-        if cfg.lora_rank > 0:
-            self.module = apply_lora(model, cfg.frozen, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, *split)
+        if build.lora_rank > 0:
+            self.module = apply_lora(model, build.frozen, build.lora_rank, build.lora_alpha, build.lora_dropout,
+                                     *build.split)
             self.core = self.module.base_model.model
         self.module.to(acc.device)
         broadcast([p.detach() for p in self.module.parameters()])  # every process starts from rank 0's weights
@@ -149,22 +135,18 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         # KL toward the base at loop 1: a frozen copy of the model as built, i.e. before any training
         # (on resume too: the checkpoint's weights are loaded into the trained copy only)
-        self.reference = copy.deepcopy(self.core).eval().requires_grad_(False) if cfg.kl_base > 0 else None
+        self.reference = copy.deepcopy(self.core).eval().requires_grad_(False) if cfg.rds.kl_base > 0 else None
 
     def _build_data(self) -> PackedData:
-        cfg = self.cfg
+        cfg = self.cfg.dataset
         if self.tokenizer is None:
             raise ValueError("no tokenizer: pass one, or a model directory that holds one")
         rows = self.total_steps * cfg.batch_size * cfg.grad_accum * self.world
         with self.accelerator.main_process_first():
-            return build_data(self.tokenizer, cfg.corpus, cfg.data, cfg.seq_len, rows,
-                              max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field,
-                              cfg.val_fraction, cfg.packing, cfg.rows_per_doc)
+            return load_data(self.tokenizer, cfg, rows)
 
     def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
-        cfg = self.cfg
-        return build_scheduler(self.optimizer, self.total_steps, cfg.warmup(self.total_steps), cfg.schedule,
-                               cfg.min_lr_ratio, step)
+        return self.cfg.optim.scheduler(self.optimizer, self.total_steps, step)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -178,10 +160,10 @@ class Trainer:
 
     def validate(self, tag: str) -> dict[str, dict[str, float]]:
         cfg = self.cfg
-        batches = self.data.valid_batches(cfg.eval_batch_size, self.rank, self.world)
+        batches = self.data.valid_batches(cfg.logging.eval_batch_size, self.rank, self.world)
         with self.accelerator.autocast():
-            result = evaluate(self.core, batches, cfg.eval_loops if self.looped else [1], cfg.conf_margin,
-                              cfg.ce_chunk, self.accelerator.device, reduce=self.accelerator.reduce)
+            result = evaluate(self.core, batches, cfg.logging.eval_loops, cfg.rds, self.accelerator.device,
+                              reduce=self.accelerator.reduce)
         self.log({"step": self.step, "event": "validation", "tag": tag, "valid": result})
         return result
 
@@ -200,10 +182,10 @@ class Trainer:
         acc.wait_for_everyone()
         path = None
         if self.is_main:
-            state = {"step": self.step, "micro_batches": self.step * self.cfg.grad_accum, "tokens": self.tokens,
-                     "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict()}
+            state = {"step": self.step, "micro_batches": self.step * self.cfg.dataset.grad_accum,
+                     "tokens": self.tokens, "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict()}
             path = finalize_checkpoint(self.out, self.step, trainable, optimizer_state, state,
-                                       self.cfg.keep_checkpoints)
+                                       self.cfg.logging.keep_checkpoints)
             self.log({"step": self.step, "event": "checkpoint", "path": str(path)})
         acc.wait_for_everyone()
         return path
@@ -211,13 +193,11 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Continue exactly from checkpoint `path`; refuses one written with other data or plan settings."""
         ckpt = load_checkpoint(path)
-        state, saved = ckpt["state"], ckpt["state"]["config"]
-        current = self.cfg.to_dict()
-        # a key the checkpoint lacks predates its option: the run then had the option's default behaviour
-        # (for depth adapters: none, since they did not exist)
-        defaults = {**TrainConfig.defaults(), "depth_lora_rank": 0}
-        diff = {k: (saved.get(k, defaults[k]), current.get(k)) for k in RESUME_KEYS
-                if saved.get(k, defaults[k]) != current.get(k)}
+        state, saved = ckpt["state"], TrainConfig.saved(ckpt["state"]["config"])
+        diff = {}
+        for name in RESUMED_AS_WHOLES:
+            then, now = getattr(saved, name).to_dict(), getattr(self.cfg, name).to_dict()
+            diff.update({k: (then[k], now[k]) for k in now if then[k] != now[k]})
         if state.get("world", self.world) != self.world:
             diff["processes"] = (state["world"], self.world)
         if state.get("sharded", False) != self.sharded:
@@ -242,22 +222,22 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
-        self._rebase_schedule(peaks, saved)
+        self._rebase_schedule(peaks, saved.optim)
         load_rng(self.accelerator, path)
 
-    def _rebase_schedule(self, peaks: list[float], saved: dict[str, Any]) -> None:
+    def _rebase_schedule(self, peaks: list[float], saved: OptimConfig) -> None:
         """Rebuild the schedule at the restored step from this run's peak lrs (`peaks`, one per param group).
 
         The optimiser state brought back the checkpoint's lrs. With the checkpoint's own settings the
         rebuilt schedule gives the same values exactly; a new `--lr` (or schedule) takes effect here.
         """
-        cfg = self.cfg
+        cfg = self.cfg.optim
         before = [float(group["lr"]) for group in self.optimizer.param_groups]
         for group, peak in zip(self.optimizer.param_groups, peaks):
             group["initial_lr"] = peak
         self.scheduler = self._schedule(self.step)
         now = self.scheduler.get_last_lr()
-        old_lr, old_mult = saved.get("lr", cfg.lr), saved.get("new_module_lr_mult", cfg.new_module_lr_mult)
+        old_lr, old_mult = saved.lr, saved.new_module_lr_mult
         if (old_lr, old_mult) != (cfg.lr, cfg.new_module_lr_mult) or before != now:
             if old_lr != cfg.lr:
                 message = f"resuming with lr {cfg.lr} (checkpoint had {old_lr})"
@@ -277,25 +257,18 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
+        grad_accum = cfg.dataset.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            index = self.step * cfg.grad_accum + micro
-            inputs, labels = self.data.batch(index, cfg.batch_size, self.rank, self.world)
+        for micro in range(grad_accum):
+            index = self.step * grad_accum + micro
+            inputs, labels = self.data.batch(index, cfg.dataset.batch_size, self.rank, self.world)
             inputs, labels = inputs.to(acc.device), labels.to(acc.device)
-            common = dict(ce_chunk=cfg.ce_chunk, loss_scale=1.0 / cfg.grad_accum, backward=acc.backward,
-                          autocast=acc.autocast)
-            if self.looped:
-                generator = torch.Generator().manual_seed(cfg.seed * 7919 + index)
-                plan = sample_plan(generator, cfg.horizon_min, cfg.horizon_max, cfg.supervised_min,
-                                   cfg.supervised_max, cfg.grad_steps, cfg.supervise_last, cfg.supervise_first)
-                metrics = rds_step(self.core, inputs, labels, plan, beta_mono=cfg.beta_mono,
-                                   lambda_conf=cfg.lambda_conf, conf_margin=cfg.conf_margin,
-                                   reference=self.reference, kl_base=cfg.kl_base, **common)
-            else:
-                metrics = dense_step(self.core, inputs, labels, **common)
+            plan = sample_plan(torch.Generator().manual_seed(cfg.dataset.seed * 7919 + index), cfg.rds)
+            metrics = rds_step(self.core, inputs, labels, plan, cfg.rds, loss_scale=1.0 / grad_accum,
+                               backward=acc.backward, autocast=acc.autocast, reference=self.reference)
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+                totals[key] = totals.get(key, 0.0) + value / grad_accum
         if self.world > 1 and not self.sharded:  # FSDP has reduce-scattered in each backward already
             # Every process draws the same plan, so the same parameters hold gradients everywhere. Those
             # without one stay None, as in one process: AdamW then skips them (a zero gradient would
@@ -303,7 +276,8 @@ class Trainer:
             for p in self.params:
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        grad_norm = clip_gradients(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        max_norm = cfg.optim.max_grad_norm
+        grad_norm = clip_gradients(self.params, max_norm if max_norm > 0 else float("inf"))
         losses = [v for k, v in totals.items() if k.startswith(("lm", "conf", "mono"))]
         bad = torch.tensor(float(not all(math.isfinite(v) for v in losses) or "nonfinite" in totals
                                  or not torch.isfinite(grad_norm)), device=acc.device)
@@ -342,10 +316,11 @@ class Trainer:
                       "processes": self.world, "train_rows": int(self.data.train.shape[0]),
                       "valid_rows": int(self.data.valid.shape[0]), "mix": self.data.mix,
                       "total_steps": self.total_steps})
-        if cfg.eval_at_start and self.step == 0 and self.data.valid.shape[0]:
+        logging = cfg.logging
+        if logging.eval_at_start and self.step == 0 and self.data.valid.shape[0]:
             self.history["before"] = self.validate("before")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
-                   unit="step", dynamic_ncols=True, desc=f"train[{cfg.mode}]")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and logging.progress),
+                   unit="step", dynamic_ncols=True, desc=f"train[{cfg.build.mode}]")
         per_step = cfg.tokens_per_step(self.world)
         started = time.perf_counter()
         steps_here = 0
@@ -356,20 +331,20 @@ class Trainer:
             steps_here += 1
             metrics.update(step=self.step, tokens=self.tokens, lr=self.scheduler.get_last_lr()[0],
                            step_s=elapsed, tokens_per_s=per_step / elapsed)
-            if cfg.log_every and self.step % cfg.log_every == 0:
+            if logging.log_every and self.step % logging.log_every == 0:
                 self.log(metrics)
             supervised = "  ".join(f"L@{k[3:]} {v:.3f}" for k, v in metrics.items() if k.startswith("lm@"))
             bar.set_postfix_str(f"loss {metrics['lm']:.3f}  {supervised}  {metrics['tokens_per_s']:.0f} tok/s")
             bar.update(1)
             for callback in self.callbacks:
                 callback(self, self.step, metrics)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if logging.save_every and self.step % logging.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            if logging.eval_every and self.step % logging.eval_every == 0 and self.step < self.total_steps:
                 self.history[f"step{self.step}"] = self.validate(f"step{self.step}")
         bar.close()
         wall = time.perf_counter() - started
-        if cfg.eval_at_end and self.data.valid.shape[0]:
+        if logging.eval_at_end and self.data.valid.shape[0]:
             self.history["after"] = self.validate("after")
         self.history["throughput"] = {"steps": steps_here, "seconds": wall,
                                       "tokens_per_s": steps_here * per_step / wall if wall > 0 else 0.0}
@@ -377,7 +352,7 @@ class Trainer:
         return self.history
 
     def final_model(self):
-        if self.cfg.lora_rank > 0:
+        if self.cfg.build.lora_rank > 0:
             return self.module.merge_and_unload()
         return self.core
 
@@ -392,7 +367,7 @@ class Trainer:
             bad = [n for n, p in values if not torch.isfinite(p).all()]
             if bad:
                 raise CheckpointError(f"refusing to save non-finite weights ({bad[:3]})")
-            if self.cfg.gradient_checkpointing:
+            if self.cfg.build.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
             tmp = self.out / ".final-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
