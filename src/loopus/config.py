@@ -18,8 +18,8 @@ from .checkpoint import CheckpointError
 from .errors import LoopUSError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
-# Calibration tokens the split analysis reads by default: with 1024 the encoder boundary of Gemma 3 270M
-# moves and the chosen split gets worse (docs/RESULTS.md, issue 5).
+# Calibration tokens the split analysis reads by default: fewer move the encoder boundary of Gemma 3 270M
+# and the chosen split gets worse (docs/RESULTS.md, "Split choice").
 CALIBRATION_TOKENS = 2048
 
 
@@ -66,8 +66,8 @@ class LoopUSConfig(PretrainedConfig):
         num_loops: loop count used when `forward` is not given one.
         gate_rank: bottleneck width of the selective gate.
         gate_init: the gate's mixing coefficient at initialisation (share of the new state taken). The
-            default 0.02 is function-preserving: every loop count starts within 0.5% of the base model's
-            perplexity, and training opens the gate where extra loops help (docs/RESULTS.md, issue 11).
+            default 0.02 keeps every extra loop close to a no-op at initialisation, so that training has to
+            earn it (docs/RESULTS.md).
         kv_mode: "per_depth" keeps one KV per reasoning layer and loop depth; "shared" keeps one per layer.
         depth_lora_rank: rank of the depth-wise LoRA adapters (PEFT) on the reasoning block's linear
             layers, active from loop 2 on (0: none). Loop 1 runs without them, so one loop stays

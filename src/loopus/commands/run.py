@@ -27,9 +27,8 @@ from ..deprecation import add_old_flag
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "analyze_tokens": CALIBRATION_TOKENS,
-        # the study's mix, and its recipe (loopus.train.recipes), 20k tokens, at most 2 rows per document (80
-        # documents instead of about 4; docs/RESULTS.md, issue 11, "Spread rows"). Loops 2 and 4 show
-        # what extra loops do after a short run
+        # the recipe study's mix and recipe (loopus.train.recipes), 20k tokens, at most 2 rows per document so
+        # that a short run reads many documents, not the first few; loops 2 and 4 show what extra loops do
         "train": {"max_steps": 40, "seq_len": 128, "batch_size": 4, "corpus": ["enwiki", "eltec_eng"],
                   "rows_per_doc": 2, "eval_loops": [1, 2, 4], "val_tokens": 1024},
         "tasks": ["arc_easy", "lambada_openai"],
