@@ -1,7 +1,7 @@
 """What answer-only supervision saves: a training step on SFT rows (short answers) against LM rows of the
 same tokens, on the real Gemma 3 270M.
 
-    python bench/sft_speed.py --data $LOOPUS_DATA --out docs/results/sft_speed.json
+    python bench/sft_speed.py --out docs/results/sft_speed.json     # data from $LOOPUS_DATA (or --data DIR)
 
 The SFT rows are ProntoQA 1-hop items as prompt/completion (answer " True"/" False" and EOS), built by
 `loopus.train.data.build_data`, prompts cut from the left so that every row is full. The LM rows are
@@ -26,6 +26,7 @@ import loopus
 from loopus.train.data import INPUT_ONLY, build_data, split_row
 from loopus.train.objective import RDSPlan, dense_step, rds_step
 from loopus.train.params import apply_freeze
+from loopus.paths import data_path
 from loopus.zoo import load_base
 
 
@@ -48,7 +49,7 @@ def sft_and_lm_batches(tokenizer, data_dir: Path, batch: int, seq: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data", help="data directory holding prontoqa/")
+    p.add_argument("--data", default=None, help="data directory holding prontoqa/ (default: $LOOPUS_DATA)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     apply_freeze(dense, {"embeddings", "encoder"}, 4, 0)
     looped = loopus.convert(load_base("gemma-3-270m")[0], 4, 2).train().to(device)
     apply_freeze(looped, {"embeddings", "encoder"})
-    inputs, sft_labels, lm_labels = (t.to(device) for t in sft_and_lm_batches(tokenizer, Path(args.data),
+    inputs, sft_labels, lm_labels = (t.to(device) for t in sft_and_lm_batches(tokenizer, data_path(args.data),
                                                                               args.batch, args.seq))
     plan = RDSPlan(3, (1, 3))
     steps = {"dense": lambda labels: dense_step(dense, inputs, labels),

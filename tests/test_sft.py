@@ -18,6 +18,7 @@ from loopus.train.objective import RDSConfig, RDSPlan, rds_step
 from loopus.train.sft import SFTDataError
 from conftest import char_tokenizer, tiny_base, tiny_looped
 from test_train_helpers import tiny_loopus
+from test_train_trainer import tiny_dir  # noqa: F401  (a fixture: a tiny base model directory)
 
 torch.set_num_threads(1)
 
@@ -146,6 +147,10 @@ def test_bad_records_are_refused_with_their_line(tmp_path):
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "completion": 3}])
     with pytest.raises(SFTDataError, match=r"odd.jsonl:1: 'prompt' and 'completion' must both be strings"):
         rows_of(char_tokenizer(), odd, val_fraction=0.0)
+    pc = write_jsonl(tmp_path / "pc.jsonl", pc_records(2))
+    for packing in ({"packing": "stream"}, {"rows_per_doc": 1}):
+        with pytest.raises(ValueError, match="is SFT data \\(prompt_completion\\), one example per row"):
+            rows_of(char_tokenizer(), pc, **packing)
     silent = write_jsonl(tmp_path / "silent.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(SFTDataError, match=r"silent.jsonl:1: no assistant message"):
         rows_of(chat_tokenizer(), silent, val_fraction=0.0)
@@ -272,14 +277,6 @@ def test_sft_resume_is_bit_identical(tmp_path):
     a, b = straight.core.state_dict(), resumed.core.state_dict()
     assert resumed.step == straight.step == 6 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinybase")
-    tiny_base("gemma3_text").save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("fmt", ["prompt_completion", "messages", "text"])

@@ -319,6 +319,9 @@ def build_data(
     for source, n_train, n_valid in zip(sources, train_counts, valid_counts):
         fmt = sft_format(source)
         if fmt is not None:
+            if packing != "documents" or rows_per_doc is not None:
+                raise ValueError(f"corpus {source.name!r} is SFT data ({fmt}), one example per row: --packing "
+                                 "stream and --rows-per-doc do not apply to it")
             train, valid, report[source.name] = sft_rows(tokenizer, source, fmt, seq_len, n_train, n_valid,
                                                          val_fraction, chat_template, long_examples)
         else:
