@@ -318,3 +318,19 @@ def test_cli_refuses_long_examples_in_one_line(tmp_path, tiny_dir, capsys):
     assert err.startswith("loopus train: error: 1 SFT example(s)") and "pc.jsonl:5;" in err
     assert cli_main(args + ["--long-examples", "truncate_prompt", "--out", str(tmp_path / "cut")]) == 0
     assert "1 truncated from the left of the prompt" in capsys.readouterr().out
+
+
+def test_sft_on_two_processes_replicated_and_fsdp_take_the_same_steps(tmp_path, tiny_dir):
+    from test_train_trainer import assert_same_training, launch_two_processes
+
+    folder = tmp_path / "data" / "tiny"
+    folder.mkdir(parents=True)
+    arithmetic = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(10) for b in range(10)]
+    write_jsonl(folder / "train.jsonl", arithmetic[:90])
+    write_jsonl(folder / "valid.jsonl", arithmetic[90:])
+    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
+    launch_two_processes(replicated, tmp_path / "data", tiny_dir)
+    launch_two_processes(sharded, tmp_path / "data", tiny_dir, "--fsdp", "true")
+    assert_same_training(replicated, sharded, tiny_dir, prefix="base.")
+    log = [json.loads(line) for line in (sharded / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["format"] for r in log if r.get("event") == "sft_data"] == ["prompt_completion"]
