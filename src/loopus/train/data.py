@@ -26,11 +26,12 @@ Packing (`packing=`):
 spaced through it: a small budget then spreads over many documents instead of the first few long ones
 (100k tokens of whole documents are 16 documents of enwiki + ELTeC; at N = 2 they are 400).
 Rows are `seq_len + 1` tokens: inputs = row[:-1], labels = row[1:].
-Supervised fine-tuning data (JSONL of prompt/completion or messages, detected from the fields) becomes
-one example per row, its prompt tokens input only (`sft`).
 Weighted mixing takes round(weight * rows) rows from each corpus. Rows are shuffled with a
 generator seeded by (seed, epoch), so the order is a pure function of the seed and the position.
 A corpus without a validation file gives up the documents whose hash falls in `val_fraction`.
+
+Supervised fine-tuning data (JSONL of prompt/completion or messages, detected from the fields) becomes
+one example per row, its prompt tokens input only (`sft`).
 """
 
 from __future__ import annotations
@@ -312,10 +313,11 @@ def build_data(
         if len(reading) > 1:
             raise ValueError(f"corpora {reading} would all read --data {data}: a data file is one corpus; to mix "
                              "several, pass a data directory or give each corpus as a file path")
+    report: dict[str, dict] = {}  # per SFT corpus
     packer = Packer(tokenizer, seq_len, packing=packing)
     train_counts = _shares([s.weight for s in specs], train_rows)
     valid_counts = _shares([s.weight for s in specs], valid_rows)
-    train_parts, valid_parts, mix, report = [], [], {}, {}
+    train_parts, valid_parts, mix = [], [], {}
     for source, n_train, n_valid in zip(sources, train_counts, valid_counts):
         fmt = sft_format(source)
         if fmt is not None:
