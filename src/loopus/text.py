@@ -23,8 +23,9 @@ def _utf8(path: Path) -> Iterator[None]:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason}): pass a .jsonl or .txt file in UTF-8") from None
 
 
-def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors (null counts as empty)."""
+def read_jsonl_records(path: Path, fields: str) -> Iterator[tuple[int, str, dict]]:
+    """(line number, line, object) of each non-blank line of a JSON Lines file, with line-numbered errors;
+    `fields` names what the objects should hold, for the error on a line that is not an object."""
     with _utf8(path), path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -34,16 +35,22 @@ def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             except ValueError as err:
                 raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number} is a {type(record).__name__}, not a JSON object with a "
-                                 f"'{text_field}' field: write one object per line")
-            if text_field not in record:
-                raise ValueError(f"{path}:{number} has no '{text_field}' field (set --text-field)")
-            text = record[text_field]
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}:{number} has '{text_field}': {text!r:.40} ({type(text).__name__}), "
-                                 "not a string")
-            if text and text.strip():
-                yield text
+                raise ValueError(f"{path}:{number} is a {type(record).__name__}, not a JSON object with "
+                                 f"{fields}: write one object per line")
+            yield number, line, record
+
+
+def read_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The non-empty `text_field` values of a JSON Lines file, with line-numbered errors (null counts as empty)."""
+    for number, _, record in read_jsonl_records(path, f"a '{text_field}' field"):
+        if text_field not in record:
+            raise ValueError(f"{path}:{number} has no '{text_field}' field (set --text-field)")
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{path}:{number} has '{text_field}': {text!r:.40} ({type(text).__name__}), "
+                             "not a string")
+        if text and text.strip():
+            yield text
 
 
 def read_documents(path: Path) -> list[str]:

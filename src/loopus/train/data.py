@@ -29,13 +29,16 @@ Rows are `seq_len + 1` tokens: inputs = row[:-1], labels = row[1:].
 Weighted mixing takes round(weight * rows) rows from each corpus. Rows are shuffled with a
 generator seeded by (seed, epoch), so the order is a pure function of the seed and the position.
 A corpus without a validation file gives up the documents whose hash falls in `val_fraction`.
+
+Supervised fine-tuning data (JSONL of prompt/completion or messages, detected from the fields) becomes
+one example per row, its prompt tokens input only (`sft`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,7 +50,9 @@ from ..text import IGNORE_INDEX, read_text_files
 from .options import Section, need_at_least, option, parse_strings
 
 PAD_SLOT = -1  # padding in a stored row: an ignored label, and never attended by the tokens before it
+INPUT_ONLY = -2  # a token read but never a label (an SFT prompt's) is stored as INPUT_ONLY - id
 PACKINGS = ("documents", "stream")
+LONG_EXAMPLES = ("refuse", "truncate_prompt")  # what to do with an SFT example longer than a row
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ class PackedData:
     bos: int | None
     seed: int
     mix: dict[str, int]
+    report: dict[str, dict] = field(default_factory=dict)  # per SFT corpus: format, examples, truncated
 
     def _order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -257,12 +263,14 @@ class PackedData:
 
 
 def split_row(rows: torch.Tensor, bos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of stored rows: labels of a BOS or of padding are ignored; padding inputs become token 0."""
+    """(inputs, labels) of stored rows: labels of a BOS, of padding and of input-only tokens are ignored;
+    padding inputs become token 0."""
     rows = rows.long()
-    inputs, labels = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+    tokens = torch.where(rows <= INPUT_ONLY, INPUT_ONLY - rows, rows)
+    inputs, labels = tokens[:, :-1].contiguous(), rows[:, 1:].clone()
     if bos is not None:
         labels[labels == bos] = IGNORE_INDEX
-    labels[labels == PAD_SLOT] = IGNORE_INDEX
+    labels[labels < 0] = IGNORE_INDEX  # padding and input-only tokens
     inputs[inputs == PAD_SLOT] = 0  # any id: causal attention never lets earlier tokens see it
     return inputs, labels
 
@@ -287,9 +295,15 @@ def build_data(
     val_fraction: float = 0.01,
     packing: str = "documents",
     rows_per_doc: int | None = None,
+    chat_template: str | None = None,
+    long_examples: str = "refuse",
 ) -> PackedData:
     """Tokenise and pack just enough of each corpus for `train_rows` training rows (mixed by weight);
-    validation rows are whole documents whatever `rows_per_doc` says, so they score what `loopus eval` does."""
+    validation rows are whole documents whatever `rows_per_doc` says, so they score what `loopus eval` does.
+    SFT corpora render conversations with the `chat_template` file (default: the tokenizer's own) and
+    treat examples longer than a row as `long_examples` says (`sft.LONG_EXAMPLES`)."""
+    from .sft import sft_format, sft_rows  # sft builds on this module
+
     specs = [parse_corpus(c) for c in corpus]
     if not specs:
         raise ValueError("no corpus given")
@@ -299,26 +313,35 @@ def build_data(
         if len(reading) > 1:
             raise ValueError(f"corpora {reading} would all read --data {data}: a data file is one corpus; to mix "
                              "several, pass a data directory or give each corpus as a file path")
+    report: dict[str, dict] = {}  # per SFT corpus
     packer = Packer(tokenizer, seq_len, packing=packing)
     train_counts = _shares([s.weight for s in specs], train_rows)
     valid_counts = _shares([s.weight for s in specs], valid_rows)
     train_parts, valid_parts, mix = [], [], {}
     for source, n_train, n_valid in zip(sources, train_counts, valid_counts):
-        valid_docs = source.documents("valid", text_field)
-        if valid_docs is None:
-            # no validation file: a hash-based document split of the training file
-            train_docs = (d for d in source.documents("train", text_field) if not _held_out(d, val_fraction))
-            valid_docs = (d for d in source.documents("train", text_field) if _held_out(d, val_fraction))
+        fmt = sft_format(source)
+        if fmt is not None:
+            if packing != "documents" or rows_per_doc is not None:
+                raise ValueError(f"corpus {source.name!r} is SFT data ({fmt}), one example per row: --packing "
+                                 "stream and --rows-per-doc do not apply to it")
+            train, valid, report[source.name] = sft_rows(tokenizer, source, fmt, seq_len, n_train, n_valid,
+                                                         val_fraction, chat_template, long_examples)
         else:
-            train_docs = source.documents("train", text_field)
-        train = packer.rows(train_docs, n_train, rows_per_doc)
+            valid_docs = source.documents("valid", text_field)
+            if valid_docs is None:
+                # no validation file: a hash-based document split of the training file
+                train_docs = (d for d in source.documents("train", text_field) if not _held_out(d, val_fraction))
+                valid_docs = (d for d in source.documents("train", text_field) if _held_out(d, val_fraction))
+            else:
+                train_docs = source.documents("train", text_field)
+            train = packer.rows(train_docs, n_train, rows_per_doc)
+            valid = packer.rows(valid_docs, n_valid) if n_valid else torch.zeros(0, seq_len + 1, dtype=torch.int32)
         if train.shape[0] == 0 and n_train > 0:
             raise ValueError(f"corpus {source.name!r} yielded no training text")
-        valid = packer.rows(valid_docs, n_valid) if n_valid else torch.zeros(0, seq_len + 1, dtype=torch.int32)
         train_parts.append(train)
         valid_parts.append(valid)
         mix[source.name] = int(train.shape[0])
-    return PackedData(torch.cat(train_parts), torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix)
+    return PackedData(torch.cat(train_parts), torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix, report)
 
 
 @dataclass(frozen=True)
@@ -340,6 +363,11 @@ class DataConfig(Section):
     val_tokens: int = option(16384, "validation tokens")
     val_fraction: float = option(0.01, "documents held out for validation when a corpus has no valid file")
     seed: int = option(0, "seed for init, data order and the horizon/supervision draws")
+    chat_template: str | None = option(None, "Jinja chat template file for conversational SFT data "
+                                       "(messages); default: the tokenizer's own")
+    long_examples: str = option("refuse", "an SFT example longer than a row: refuse (an error naming its line) "
+                                "or truncate_prompt (drop prompt tokens from the left; the count is printed and "
+                                "logged)", choices=LONG_EXAMPLES)
 
     def check(self) -> None:
         need_at_least(self, ("seq_len", "batch_size", "grad_accum"), 1)
@@ -348,6 +376,8 @@ class DataConfig(Section):
         if self.rows_per_doc is not None and (self.rows_per_doc < 1 or self.packing != "documents"):
             raise ValueError(f"rows_per_doc must be >= 1 with packing=documents, got {self.rows_per_doc} with "
                              f"packing={self.packing}")
+        if self.long_examples not in LONG_EXAMPLES:
+            raise ValueError(f"long_examples must be one of {LONG_EXAMPLES}, got {self.long_examples!r}")
 
     def tokens_per_step(self, num_processes: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * num_processes
@@ -357,4 +387,4 @@ def load_data(tokenizer, cfg: DataConfig, train_rows: int) -> PackedData:
     """`build_data` with the run's data options: `train_rows` training rows and `cfg.val_tokens` of validation."""
     return build_data(tokenizer, list(cfg.corpus), cfg.data, cfg.seq_len, train_rows,
                       max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field, cfg.val_fraction,
-                      cfg.packing, cfg.rows_per_doc)
+                      cfg.packing, cfg.rows_per_doc, cfg.chat_template, cfg.long_examples)

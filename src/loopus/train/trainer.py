@@ -49,6 +49,7 @@ from .data import PackedData, load_data
 from .evaluation import evaluate
 from .model import build_model
 from .objective import rds_step, sample_plan
+from .sft import read_chat_template
 from .optim import OptimConfig
 from .params import (
     apply_freeze,
@@ -106,6 +107,8 @@ class Trainer:
         self._build_model(model, tokenizer, bf16=cfg.precision == "bf16")
         self.total_steps = self.cfg.total_steps(self.world)
         self.data = data if data is not None else self._build_data()
+        if cfg.dataset.chat_template and self.tokenizer is not None:  # saved with the model it trained
+            self.tokenizer.chat_template = read_chat_template(cfg.dataset.chat_template)
         self.optimizer = self.cfg.optim.optimizer(self.module)
         self.scheduler = self._schedule(step=0)
         self.step = 0
@@ -316,6 +319,10 @@ class Trainer:
                       "processes": self.world, "train_rows": int(self.data.train.shape[0]),
                       "valid_rows": int(self.data.valid.shape[0]), "mix": self.data.mix,
                       "total_steps": self.total_steps})
+            for name, sft in self.data.report.items():
+                print(f"SFT data {name}: {sft['format']}, {sft['examples']} training and {sft['valid_examples']} "
+                      f"validation examples, {sft['truncated']} truncated from the left of the prompt", flush=True)
+                self.log({"step": self.step, "event": "sft_data", "corpus": name, **sft})
         logging = cfg.logging
         if logging.eval_at_start and self.step == 0 and self.data.valid.shape[0]:
             self.history["before"] = self.validate("before")
