@@ -11,13 +11,8 @@ from loopus.eval.tasks.reasoning import load_gsm8k_nocot, load_mult, load_pronto
 
 @pytest.fixture(scope="module")
 def tm(data_dir):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LOOPUS_DATA", str(data_dir))
-        yield task_manager(include_defaults=False)
-
-
-def _load(tm, name):
-    return tm.load([name])["tasks"][name]
+    """The shipped tasks with the data directory handed over as task metadata (as `loopus eval --data` does)."""
+    return task_manager(include_defaults=False, metadata={"data_dir": str(data_dir)})
 
 
 EXPECTED = {  # task: (eval docs, end of the first prompt, first target, choices or None)
@@ -36,7 +31,7 @@ EXPECTED = {  # task: (eval docs, end of the first prompt, first target, choices
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_reasoning_task_reads_the_data_dir(tm, name):
-    task = _load(tm, name)
+    task = tm.load([name])["tasks"][name]
     docs = list(task.eval_docs)
     count, prompt_end, target, choices = EXPECTED[name]
     assert len(docs) == count
