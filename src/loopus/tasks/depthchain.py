@@ -24,6 +24,8 @@ from itertools import product
 from pathlib import Path
 from typing import Iterable
 
+from .files import write_splits
+
 TASK_DIR = "depthchain"  # the folder inside the data directory that the lm-eval tasks read
 MODULUS = 10
 NAMES = tuple("".join(p) for p in product(string.ascii_lowercase, repeat=2))
@@ -104,12 +106,7 @@ def write_depthchain(
     splits["valid"] = _items(seed, "valid", train_depths, valid_size, distractors, seen)
     splits["train"] = _items(seed, "train", train_depths, train_size, distractors, seen)
     folder = Path(out_dir) / TASK_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, rows in splits.items():
-        files[split] = folder / f"{split}.jsonl"
-        with open(files[split], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    files = write_splits(folder, splits)
     settings = {"seed": seed, "train_depths": train_depths, "test_depths": test_depths, "train_size": train_size,
                 "valid_size": valid_size, "test_size": test_size, "distractors": distractors}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")

@@ -8,19 +8,14 @@ validation files. ProsQA ships no training split.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from ..paths import data_file
+from .files import read_jsonl, write_splits
 
 SFT_DIR = "sft"  # OUT/sft/<task>/{train,valid}.jsonl
 SFT_TASKS = ("prontoqa", "gsm8k_nocot", "mult_4x4", "mult_5x5")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def prontoqa_row(r: dict) -> dict:
@@ -73,10 +68,10 @@ def sft_splits(task: str, data: str | Path | None = None, seed: int = 0, count: 
     if count < 0:
         raise ValueError(f"the train size must be 0 or more, got {count}")
     if task == "prontoqa":
-        return {split: [prontoqa_row(r) for r in _jsonl(data_file(f"prontoqa/5hop_{split}.jsonl", data))]
+        return {split: [prontoqa_row(r) for r in read_jsonl(data_file(f"prontoqa/5hop_{split}.jsonl", data))]
                 for split in ("train", "valid")}
     if task == "gsm8k_nocot":
-        return {"train": [gsm8k_row(r) for r in _jsonl(data_file("gsm8k/train.jsonl", data))]}
+        return {"train": [gsm8k_row(r) for r in read_jsonl(data_file("gsm8k/train.jsonl", data))]}
     if task in ("mult_4x4", "mult_5x5"):
         n = int(task[-1])
         rows = mult_rows(n, count + 1000, seed, _held_out_pairs(n, data))
@@ -87,12 +82,4 @@ def sft_splits(task: str, data: str | Path | None = None, seed: int = 0, count: 
 def write_sft(out_dir: str | Path, task: str, data: str | Path | None = None, seed: int = 0,
               count: int = 80_000) -> dict[str, Path]:
     """Write OUT/sft/<task>/<split>.jsonl; returns the files by split."""
-    splits = sft_splits(task, data, seed, count)
-    folder = Path(out_dir) / SFT_DIR / task
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, rows in splits.items():
-        files[split] = folder / f"{split}.jsonl"
-        with open(files[split], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    return files
+    return write_splits(Path(out_dir) / SFT_DIR / task, sft_splits(task, data, seed, count))
