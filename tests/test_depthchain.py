@@ -177,3 +177,25 @@ def test_make_task_cli(tmp_path, capsys):
     assert "depths are whole numbers from 1 up" in capsys.readouterr().err
     assert main(["make-task", "depthchain", "--out", str(tmp_path), "--distractors", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "loopus make-task: error: distractors must be 0 or more, got -1"
+
+
+def test_make_task_builds_without_torch_and_documents_every_flag():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, types; sys.orig_argv[1:] = ['-m', 'loopus.cli']\n"
+        "for heavy in ('loopus.commands.run', 'loopus.commands.train'):  # they import torch themselves\n"
+        "    sys.modules[heavy] = types.SimpleNamespace(HELP='stub')\n"
+        "from loopus.cli import build_parser\n"
+        "parser = build_parser(['make-task'])\n"
+        "sub = parser._subparsers._group_actions[0].choices['make-task']\n"
+        "assert all(a.help for a in sub._actions), 'a flag without help'\n"
+        "from loopus.commands.make_task import run\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'datasets') if m in sys.modules))\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": ""}
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == "[]"
