@@ -24,6 +24,16 @@ SHIPPED_TASKS = (
     "mmlu",
     "winogrande",
     "openbookqa",
+    # reasoning, answer only (per-depth tasks, and groups that report every depth)
+    "prontoqa",
+    *(f"prontoqa_{h}hop" for h in range(1, 5)),
+    "prontoqa_ladder",
+    "prosqa",
+    "gsm8k_nocot",
+    "mult_4x4",
+    "mult_5x5",
+    "depthchain",
+    *(f"depthchain_k{k}" for k in range(1, 17)),
 )
 
 
