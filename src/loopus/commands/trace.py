@@ -7,16 +7,13 @@ import argparse
 from .convert import add_model_arguments, load_model
 
 HELP = "trace a prompt through the loop: PCA of states, gate, step sizes, thinking trace"
+DESCRIPTION = ("MODEL is a LoopUS checkpoint directory, or a base model (embedded name, checkpoint directory, hub "
+               "id) with --split E,D / --split split.json / --split auto / --encoder-layers and --decoder-layers. "
+               "Writes trace.png, trace.json, trace.html and thinking_trace.txt to --out.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "trace",
-        help=HELP,
-        description="MODEL is a LoopUS checkpoint directory, or a base model (embedded name, checkpoint "
-        "directory, hub id) with --split E,D / --split split.json / --split auto / --encoder-layers and "
-        "--decoder-layers. Writes trace.png, trace.json, trace.html and thinking_trace.txt to --out.",
-    )
+    p = subparsers.add_parser("trace", help=HELP, description=DESCRIPTION)
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="text to trace")
     p.add_argument("--num-loops", type=int, default=8, help="loops to run (default 8)")
