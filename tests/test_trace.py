@@ -104,7 +104,7 @@ def test_trace_command_on_checkpoint_and_on_base_with_split(tmp_path, capsys):
         (["{base}", "--prompt", "x", "--encoder-layers", "2"], "give both --encoder-layers and --decoder-layers"),
         (["{base}", "--prompt", "x", "--split", "5,1"], "at least 1 layer"),
         (["{base}", "--prompt", "x", "--split", "1,1", "--num-loops", "0"], "--num-loops must be >= 1"),
-        (["{missing}", "--prompt", "x"], "not a LoopUS checkpoint"),
+        (["{missing}", "--prompt", "x"], "does not exist"),
     ],
 )
 def test_trace_command_bad_input(tmp_path, capsys, argv, message):
