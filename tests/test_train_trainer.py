@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -215,7 +216,14 @@ def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
     tok = char_tokenizer()
     first = Trainer(config(tmp_path / "lr", corpus, max_steps=4, new_module_lr_mult=3.0), model=tiny_loopus("llama"),
                     tokenizer=tok, data=packed)
-    first.train()
+
+    def stop_after_step_three(trainer, step, metrics):  # before the end, which would leave a checkpoint too
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    first.callbacks.append(stop_after_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
     assert [p.name for p in list_checkpoints(tmp_path / "lr")] == ["step-00000002"]
     assert load_checkpoint(list_checkpoints(tmp_path / "lr")[-1])["state"]["config"]["optim"]["lr"] == 1e-2
     capsys.readouterr()
@@ -406,6 +414,7 @@ def test_fsdp_matches_replicated_training_and_resumes_exactly(tmp_path, corpus, 
     # Resume from the step-2 checkpoint the sharded run wrote: step 3 again, bit for bit.
     for f in sharded.glob("*.safetensors"):
         f.unlink()
+    shutil.rmtree(sharded / "checkpoints" / "step-00000003")  # the end of the run: resume from step 2 instead
     assert load_checkpoint(sharded / "checkpoints" / "step-00000002")["state"]["sharded"]
     launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--gradient-checkpointing", "true", "--resume")
     resumed = final_weights(sharded)

@@ -76,8 +76,9 @@ class TrainConfig:
     logging: LogConfig = field(default_factory=LogConfig)
     out: str = option("runs/train", "output directory: the trained model (save_pretrained), logs/, checkpoints/")
     resume: bool = option(False, "continue exactly from the latest checkpoint in --out")
-    max_steps: int | None = option(None, "optimiser steps (wins over --max-tokens)", parse=int)
-    max_tokens: int | None = option(None, "training tokens (converted to optimiser steps)", parse=int)
+    max_steps: int | None = option(None, "optimiser steps (or --max-tokens)", parse=int)
+    max_tokens: int | None = option(None, "training tokens, rounded up to whole optimiser steps (or --max-steps)",
+                                    parse=int)
     precision: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
     fsdp: bool = option(False, "shard weights, gradients and optimiser state across processes with FSDP2; on by "
                         "itself under `accelerate launch --use_fsdp`", parse=parse_bool)
@@ -93,6 +94,12 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("give the length of the run: --max-steps N or --max-tokens N")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError(f"give one length of the run, not both: --max-steps {self.max_steps} or --max-tokens "
+                             f"{self.max_tokens}")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if b.depth_lora_rank and not b.looped:
             raise ValueError("depth-wise adapters act from loop 2 on: they need --mode loopus")
         if b.depth_lora_rank and b.lora_rank > 0:

@@ -102,6 +102,11 @@ def build_model(
     elif model is None:
         model, loaded_tokenizer = load_base(cfg.model)
         tokenizer = tokenizer or loaded_tokenizer
+    if given_looped and cfg.looped and split_given:
+        own = (model.config.encoder_layers, model.config.decoder_layers)
+        if own != (encoder_layers, decoder_layers):
+            raise ValueError(f"{cfg.model} is a LoopUS checkpoint with its own split (encoder {own[0]}, decoder "
+                             f"{own[1]}): leave out --encoder-layers/--decoder-layers")
     rank, count = cfg.depth_lora_rank, cfg.depth_lora_count
     if not cfg.looped:
         if given_looped:
