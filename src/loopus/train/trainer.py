@@ -60,8 +60,8 @@ from .params import (
     weights_digest,
 )
 from .sharding import (
+    all_finite,
     clip_gradients,
-    full_tensor,
     gather_full,
     gather_optimizer,
     gather_trainable,
@@ -184,8 +184,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
-        bad = torch.tensor(float(any(not torch.isfinite(full_tensor(p)).all() for p in self.params)), device=acc.device)
-        if float(acc.reduce(bad)) > 0:
+        if float(acc.reduce(torch.tensor(float(not all_finite(self.params)), device=acc.device))) > 0:
             last = latest_checkpoint(self.out)
             raise TrainingDiverged(
                 f"the weights became non-finite by optimiser step {self.step}: no checkpoint written. Last good "
@@ -340,7 +339,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
             trainable, total = count_parameters(self.module)
-            self.log({"step": self.step, "event": "start", "trainable_params": trainable, "total_params": total,
+            self.log({"step": self.step, "event": "start", "config": self.cfg.to_dict(),
+                      "trainable_params": trainable, "total_params": total,
                       "processes": self.world, "train_rows": int(self.data.train.shape[0]),
                       "valid_rows": int(self.data.valid.shape[0]), "mix": self.data.mix_of(self.rows_needed),
                       "total_steps": self.total_steps})
