@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..errors import LoopUSError
-from ..looped import LoopedModel
 from .checkpointing import (
     finalize_checkpoint,
     latest_checkpoint,
@@ -127,7 +126,6 @@ class Trainer:
         acc = self.accelerator
         model, self.tokenizer, build = build_model(self.cfg.build, model=model, tokenizer=tokenizer)
         self.cfg = cfg = dataclasses.replace(self.cfg, build=build)  # dense from a LoopUS model: its split
-        self.looped = isinstance(model, LoopedModel)
         check_seq_len(cfg.dataset.seq_len, model)
         self.model_digest = weights_digest(model)  # the starting weights: a resume must start from the same
         apply_freeze(model, build.frozen, *build.split)
