@@ -129,7 +129,7 @@ class Trainer:
         check_seq_len(cfg.dataset.seq_len, model)
         self.model_digest = weights_digest(model)  # the starting weights: a resume must start from the same
         apply_freeze(model, build.frozen, *build.split)
-        if build.gradient_checkpointing:
+        if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.core = model                       # the module whose pieces (encode, loop_step, ...) run
         self.module = model                     # the module whose parameters train (a PeftModel with LoRA)
@@ -395,7 +395,7 @@ class Trainer:
             bad = [n for n, p in values if not torch.isfinite(p).all()]
             if bad:
                 raise CheckpointError(f"refusing to save non-finite weights ({bad[:3]})")
-            if self.cfg.build.gradient_checkpointing:
+            if self.cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
             tmp = self.out / ".final-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
