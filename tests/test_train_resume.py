@@ -152,3 +152,22 @@ def test_a_run_length_that_trains_nothing_or_twice_is_refused_before_any_work(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dense_checkpoint_of_the_earlier_flat_config_resumes(tmp_path, corpus):
+    """Earlier releases saved the options flat and as given (a dense run's plan options unresolved)."""
+    from loopus.train.checkpointing import STATE_FILE
+
+    tok = char_tokenizer()
+    Trainer(config(tmp_path / "d", corpus, mode="dense", max_steps=2), model=tiny_loopus("llama"),
+            tokenizer=tok).train()
+    state_file = list_checkpoints(tmp_path / "d")[-1] / STATE_FILE
+    state = json.loads(state_file.read_text())
+    flat = TrainConfig.saved(state["config"]).flat()
+    state["config"] = {**flat, "horizon_min": 2, "horizon_max": 4, "supervised_min": 2, "supervised_max": 2}
+    del state["model_digest"]  # not written then
+    state_file.write_text(json.dumps(state))
+    resumed = Trainer(config(tmp_path / "d", corpus, mode="dense", max_steps=3, resume=True),
+                      model=tiny_loopus("llama"), tokenizer=tok)
+    resumed.train()
+    assert resumed.step == 3

@@ -97,7 +97,8 @@ class Trainer:
                  callbacks: list[Callable[["Trainer", int, dict], None]] | None = None,
                  accelerator: Accelerator | None = None):
         # the run's own copy, resolved for where it runs; the caller's config is never changed
-        self.cfg = cfg = resolve(cfg, Runtime.of(accelerator) if accelerator is not None else Runtime.detect())
+        self.runtime = Runtime.of(accelerator) if accelerator is not None else Runtime.detect()
+        self.cfg = cfg = resolve(cfg, self.runtime)
         self.callbacks = callbacks or []
         self.out = Path(cfg.out)
         self.accelerator = accelerator or Accelerator(
@@ -210,7 +211,10 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Continue exactly from checkpoint `path`; refuses one written with other data or plan settings."""
         ckpt = load_checkpoint(path)
-        state, saved = ckpt["state"], TrainConfig.saved(ckpt["state"]["config"])
+        # resolved where it ran: a checkpoint of an earlier release holds its options as they were given
+        state = ckpt["state"]
+        runtime = Runtime(state.get("world", self.world), state.get("sharded", False), self.runtime.device)
+        saved = resolve(TrainConfig.saved(state["config"]), runtime)
         diff = {}
         for name in RESUMED_AS_WHOLES:
             then, now = getattr(saved, name).to_dict(), getattr(self.cfg, name).to_dict()
