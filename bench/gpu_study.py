@@ -1,18 +1,19 @@
 """Issue 11, item 7: the default recipe (fp_depth: full weights plus depth adapters) and dense on one GPU,
 bf16, at GPU scale.
 
-The arms (`--arms`: named recipes of `loopus.train.recipes`) train on the same packed rows in the same
-order (built once and handed to every trainer), with bench/recipes.py's model, split, corpora and seed
-at GPU scale: rows of 1024 tokens, bf16 autocast, 10% warm-up. Device time is lent by the minute, so the script first probes
-throughput settings side by side on every arm (`--settings`: batch size and cross-entropy chunk, a
-few training steps each, with peak GPU memory), picks the one that trains all arms fastest together,
-profiles two steps of each arm there (OUT/profile-ARM.txt, and the share of wall time the GPU spent in
-kernels), and then trains every arm on the same number of tokens: as many as fit `--train-minutes`
-together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens
-per corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records the probes, tokens/s and
-model-FLOPs utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over the GPU's
-bf16 peak). The default arms read whole documents: 20M tokens read thousands of them, and the spread
-arms' 2 rows per document would cap a run at the corpora's 16k rows.
+The arms (`--arms`: named recipes of `loopus.train.recipes`) train on the same packed rows in the same order
+(built once and handed to every trainer), with bench/recipes.py's model, split, corpora and seed at GPU
+scale: rows of 1024 tokens, bf16 autocast, 10% warm-up. Device time is lent by the minute, so the script
+first probes throughput settings side by side on every arm (`--settings`: batch size and cross-entropy
+chunk, a few training steps each, with peak GPU memory), picks the one that trains all arms fastest
+together, profiles two steps of each arm there (OUT/profile-ARM.txt, and the share of wall time the GPU
+spent in kernels), and then trains every arm on the same number of tokens: as many as fit `--train-minutes`
+together, at most `--max-tokens` (20M). Each arm is then scored like recipes.py (8,192 held-out tokens per
+corpus, loops 1/2/4/8 for looped arms), and OUT/summary.json records the probes, tokens/s and model-FLOPs
+utilisation (matmul FLOPs of the step as loopus.train.flops counts them, over the GPU's bf16 peak). The
+default arms read whole documents: 20M tokens read thousands of them, and the spread arms' 2 rows per
+document would cap a run at the corpora's 16k rows. (The H200 run in docs/RESULTS.md trained bench/recipes.py's
+fp_depth arm, the default recipe at lr 2e-5, from before the recipes moved into the package.)
 
     LOOPUS_DATA=../shared/data python bench/gpu_study.py --out runs/gpu_study --train-minutes 7
         # the GPU run on one H200 (docs/RESULTS.md)

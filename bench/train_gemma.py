@@ -85,9 +85,9 @@ def main(argv=None) -> int:
         build, seq_len = cfg.build, cfg.dataset.seq_len
         if mode == "loopus":
             flops = rds_step_flops(trainer.core.config.base_config, seq_len, build.encoder_layers,
-                                   build.decoder_layers, cfg.rds, build.gradient_checkpointing)
+                                   build.decoder_layers, cfg.rds, cfg.gradient_checkpointing)
         else:
-            flops = dense_step_flops(trainer.core.config, seq_len, build.encoder_layers, build.gradient_checkpointing)
+            flops = dense_step_flops(trainer.core.config, seq_len, build.encoder_layers, cfg.gradient_checkpointing)
         result["flops_per_token"] = flops
         result["achieved_flops"] = flops * history["throughput"]["tokens_per_s"]
         if peak:

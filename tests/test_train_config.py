@@ -64,8 +64,8 @@ def test_a_recipe_is_picked_by_name_and_flags_override_single_options():
 def test_config_files_work_flat_or_nested_and_a_malformed_one_is_named(tmp_path, capsys):
     flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.json"
     flat.write_text("seq-len: 64\nlr: 0.001\nfreeze: [embeddings]\nrecipe: paper\n")
-    nested.write_text(json.dumps({"dataset": {"seq_len": 64}, "optim": {"lr": 0.001}, "build": {"freeze": ["embeddings"]},
-                                  "recipe": "paper"}))
+    nested.write_text(json.dumps({"dataset": {"seq_len": 64}, "optim": {"lr": 0.001},
+                                  "build": {"freeze": ["embeddings"]}, "recipe": "paper"}))
     a = parse("--out", "x", "--max-steps", "1", "--config", str(flat))
     b = parse("--out", "x", "--max-steps", "1", "--config", str(nested))
     assert a == b and a.dataset.seq_len == 64 and a.optim.lr == 0.001 and a.rds.horizon_max == PAPER["horizon_max"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -208,6 +209,22 @@ def test_nan_stops_cleanly_and_the_last_checkpoint_loads(tmp_path, corpus, packe
     check_model_dir(tmp_path / "n")
 
 
+def test_a_checkpoint_of_the_weights_that_diverged_is_set_aside_and_the_one_before_named(tmp_path, corpus,
+                                                                                         packed):
+    # the update after step 2 diverges: step 2's weights give the non-finite loss again on any resume
+    tok = char_tokenizer()
+    trainer = Trainer(config(tmp_path / "n", corpus, save_every=1, keep_checkpoints=3), model=tiny_loopus("llama"),
+                      tokenizer=tok, data=packed)
+    handle = trainer.core.layers[-1].register_forward_hook(
+        lambda module, args, output: output * float("nan") if trainer.step == 2 else None
+    )
+    with pytest.raises(TrainingDiverged, match="non-finite .* optimiser step 3.*step-00000001"):
+        trainer.train()
+    handle.remove()
+    assert [p.name for p in list_checkpoints(tmp_path / "n")] == ["step-00000001"]
+    assert (tmp_path / "n" / "checkpoints" / "diverged-step-00000002").is_dir()
+
+
 def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
     """`--resume --lr X` re-bases the schedule to X (optimiser/scheduler state would bring the old lr back)."""
     from loopus.train.optim import is_new_module, lr_factor
@@ -215,7 +232,14 @@ def test_resume_with_a_new_lr_takes_effect(tmp_path, corpus, packed, capsys):
     tok = char_tokenizer()
     first = Trainer(config(tmp_path / "lr", corpus, max_steps=4, new_module_lr_mult=3.0), model=tiny_loopus("llama"),
                     tokenizer=tok, data=packed)
-    first.train()
+
+    def stop_after_step_three(trainer, step, metrics):  # before the end, which would leave a checkpoint too
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    first.callbacks.append(stop_after_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
     assert [p.name for p in list_checkpoints(tmp_path / "lr")] == ["step-00000002"]
     assert load_checkpoint(list_checkpoints(tmp_path / "lr")[-1])["state"]["config"]["optim"]["lr"] == 1e-2
     capsys.readouterr()
@@ -406,6 +430,7 @@ def test_fsdp_matches_replicated_training_and_resumes_exactly(tmp_path, corpus, 
     # Resume from the step-2 checkpoint the sharded run wrote: step 3 again, bit for bit.
     for f in sharded.glob("*.safetensors"):
         f.unlink()
+    shutil.rmtree(sharded / "checkpoints" / "step-00000003")  # the end of the run: resume from step 2 instead
     assert load_checkpoint(sharded / "checkpoints" / "step-00000002")["state"]["sharded"]
     launch_two_processes(sharded, corpus, tiny_dir, "--fsdp", "true", "--gradient-checkpointing", "true", "--resume")
     resumed = final_weights(sharded)

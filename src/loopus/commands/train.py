@@ -23,6 +23,8 @@ def option_fields() -> list[dataclasses.Field]:
 
 
 def shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value) or "none"
     return str(value)

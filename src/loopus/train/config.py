@@ -6,6 +6,10 @@
     optim    `optim.OptimConfig`      AdamW and its schedule
     logging  `tracking.LogConfig`     logs, validation, checkpoints
 
+beside the run's own options: where it writes, its length, and how it computes (precision, FSDP,
+activation checkpointing, threads). A resumed run must agree with its checkpoint on `build`, `dataset`
+and `rds` as wholes (and on the processes and sharding it ran with).
+
 The config is frozen. `resolve(cfg, runtime)` is the one step that fills what depends on where the
 run happens (precision on the device, FSDP also from Accelerate's own setting, depth adapters where
 the run can use them) and returns a resolved copy; that copy is what the trainer uses, logs and saves.
@@ -69,6 +73,8 @@ class Runtime:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training run: the sub-configs and the run's own options (see the module docstring)."""
+
     build: BuildConfig = field(default_factory=BuildConfig)
     dataset: DataConfig = field(default_factory=DataConfig)
     rds: RDSConfig = field(default_factory=RDSConfig)
@@ -76,11 +82,13 @@ class TrainConfig:
     logging: LogConfig = field(default_factory=LogConfig)
     out: str = option("runs/train", "output directory: the trained model (save_pretrained), logs/, checkpoints/")
     resume: bool = option(False, "continue exactly from the latest checkpoint in --out")
-    max_steps: int | None = option(None, "optimiser steps (wins over --max-tokens)", parse=int)
-    max_tokens: int | None = option(None, "training tokens (converted to optimiser steps)", parse=int)
+    max_steps: int | None = option(None, "optimiser steps (or --max-tokens)", parse=int)
+    max_tokens: int | None = option(None, "training tokens, rounded up to whole optimiser steps (or --max-steps)",
+                                    parse=int)
     precision: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
     fsdp: bool = option(False, "shard weights, gradients and optimiser state across processes with FSDP2; on by "
                         "itself under `accelerate launch --use_fsdp`", parse=parse_bool)
+    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
@@ -93,6 +101,12 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("give the length of the run: --max-steps N or --max-tokens N")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError(f"give one length of the run, not both: --max-steps {self.max_steps} or --max-tokens "
+                             f"{self.max_tokens}")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if b.depth_lora_rank and not b.looped:
             raise ValueError("depth-wise adapters act from loop 2 on: they need --mode loopus")
         if b.depth_lora_rank and b.lora_rank > 0:
@@ -203,7 +217,7 @@ def resolve(cfg: TrainConfig, runtime: Runtime) -> TrainConfig:
     b = cfg.build
     fsdp = cfg.fsdp or runtime.fsdp
     precision = cfg.precision if cfg.precision != "auto" else "bf16" if runtime.device == "cuda" else "fp32"
-    replays = not (fsdp or b.gradient_checkpointing)
+    replays = not (fsdp or cfg.gradient_checkpointing)
     rank = b.depth_lora_rank
     if rank is None:
         rank = DEFAULT["depth_lora_rank"] if b.looped and b.lora_rank == 0 and replays else 0

@@ -26,8 +26,10 @@ Packing (`packing=`):
 spaced through it: a small budget then spreads over many documents instead of the first few long ones
 (100k tokens of whole documents are 16 documents of enwiki + ELTeC; at N = 2 they are 400).
 Rows are `seq_len + 1` tokens: inputs = row[:-1], labels = row[1:].
-Weighted mixing takes round(weight * rows) rows from each corpus. Rows are shuffled with a
-generator seeded by (seed, epoch), so the order is a pure function of the seed and the position.
+Weighted mixing interleaves the corpora row by row (smooth weighted round robin), and rows are
+shuffled within blocks of `SHUFFLE_BLOCK` rows, each with a generator seeded by (seed, epoch, block).
+So the row at each position depends on the seed and the position only, not on how many rows a run
+packs: a run that packs whole blocks reads the same rows in the same order as a longer one.
 A corpus without a validation file gives up the documents whose hash falls in `val_fraction`.
 
 Supervised fine-tuning data (JSONL of prompt/completion or messages, detected from the fields) becomes
@@ -48,6 +50,7 @@ from ..errors import LoopUSError, MissingDependencyError
 from ..paths import data_path as resolve_data_path
 from ..text import IGNORE_INDEX, read_text_files
 from .options import Section, need_at_least, option, parse_strings
+from .recipes import DEFAULT
 
 PAD_SLOT = -1  # padding in a stored row: an ignored label, and never attended by the tokens before it
 INPUT_ONLY = -2  # a token read but never a label (an SFT prompt's) is stored as INPUT_ONLY - id
@@ -221,6 +224,9 @@ class Packer:
         return rows.clone()
 
 
+SHUFFLE_BLOCK = 1024  # rows shuffled together
+
+
 @dataclass
 class PackedData:
     """Packed training and validation rows plus the deterministic order in which batches are drawn."""
@@ -230,11 +236,20 @@ class PackedData:
     bos: int | None
     seed: int
     mix: dict[str, int]
+    sources: torch.Tensor        # index into `mix` of each training row's corpus
     report: dict[str, dict] = field(default_factory=dict)  # per SFT corpus: format, examples, truncated
 
     def _order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.train.shape[0], generator=generator)
+        n, blocks = self.train.shape[0], []
+        for block, first in enumerate(range(0, n, SHUFFLE_BLOCK)):
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + block)
+            blocks.append(torch.randperm(min(SHUFFLE_BLOCK, n - first), generator=generator) + first)
+        return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
+
+    def mix_of(self, rows: int) -> dict[str, int]:
+        """Rows per corpus among the first `rows` positions of the stream (what a run of that many reads)."""
+        counts = torch.bincount(self.sources[self.indices(0, min(rows, len(self.train)))], minlength=len(self.mix))
+        return dict(zip(self.mix, counts.tolist()))
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         """Row indices for positions start..start+count of the endless shuffled stream."""
@@ -275,12 +290,16 @@ def split_row(rows: torch.Tensor, bos: int | None) -> tuple[torch.Tensor, torch.
     return inputs, labels
 
 
-def _shares(weights: list[float], total: int) -> list[int]:
-    raw = [w / sum(weights) * total for w in weights]
-    counts = [math.floor(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
+def interleave(weights: list[float], total: int) -> list[int]:
+    """The corpus of each of `total` stream positions by smooth weighted round robin: position i's corpus
+    does not depend on `total`, and every prefix holds the corpora in proportion to their weights."""
+    credit, owners = [0.0] * len(weights), []
+    for _ in range(total):
+        credit = [c + w for c, w in zip(credit, weights)]
+        pick = max(range(len(weights)), key=lambda i: credit[i])
+        credit[pick] -= sum(weights)
+        owners.append(pick)
+    return owners
 
 
 def build_data(
@@ -315,8 +334,10 @@ def build_data(
                              "several, pass a data directory or give each corpus as a file path")
     report: dict[str, dict] = {}  # per SFT corpus
     packer = Packer(tokenizer, seq_len, packing=packing)
-    train_counts = _shares([s.weight for s in specs], train_rows)
-    valid_counts = _shares([s.weight for s in specs], valid_rows)
+    weights = [s.weight for s in specs]
+    owners, valid_owners = interleave(weights, train_rows), interleave(weights, valid_rows)
+    train_counts = [owners.count(i) for i in range(len(specs))]
+    valid_counts = [valid_owners.count(i) for i in range(len(specs))]
     train_parts, valid_parts, mix = [], [], {}
     for source, n_train, n_valid in zip(sources, train_counts, valid_counts):
         fmt = sft_format(source)
@@ -341,7 +362,14 @@ def build_data(
         train_parts.append(train)
         valid_parts.append(valid)
         mix[source.name] = int(train.shape[0])
-    return PackedData(torch.cat(train_parts), torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix, report)
+    # the stream in position order; positions of a corpus that ran out of rows are dropped
+    starts, taken, order = torch.tensor([0, *map(len, train_parts)]).cumsum(0).tolist(), [0] * len(specs), []
+    for owner in owners:
+        if taken[owner] < len(train_parts[owner]):
+            order.append((starts[owner] + taken[owner], owner))
+            taken[owner] += 1
+    rows, sources = torch.tensor(order, dtype=torch.long).reshape(-1, 2).unbind(1)
+    return PackedData(torch.cat(train_parts)[rows], torch.cat(valid_parts), tokenizer.bos_token_id, seed, mix, sources, report)
 
 
 @dataclass(frozen=True)
@@ -353,11 +381,11 @@ class DataConfig(Section):
                                      "hf:NAME[:CONFIG], each optionally =WEIGHT", parse=parse_strings)
     text_field: str = option("text", "JSONL field holding the text")
     seq_len: int = option(512, "tokens per packed sequence")
-    packing: str = option("documents", "documents: every row inside one document, starting with the tokenizer's "
-                          "BOS; stream: documents concatenated and cut, rows start mid-document",
-                          choices=("documents", "stream"))
-    rows_per_doc: int | None = option(None, "at most this many training rows per document, evenly spaced through "
-                                      "it, so a small budget covers many documents (default: every row)", parse=int)
+    packing: str = option(DEFAULT["packing"], "documents: every row inside one document, starting with the "
+                          "tokenizer's BOS; stream: documents concatenated and cut, rows start mid-document",
+                          choices=PACKINGS)
+    rows_per_doc: int | None = option(None, "at most N training rows per document, evenly spaced (default: all)",
+                                      parse=int)
     batch_size: int = option(4, "sequences per micro-batch per process")
     grad_accum: int = option(1, "micro-batches per optimiser step")
     val_tokens: int = option(16384, "validation tokens")
@@ -371,8 +399,8 @@ class DataConfig(Section):
 
     def check(self) -> None:
         need_at_least(self, ("seq_len", "batch_size", "grad_accum"), 1)
-        if self.packing not in ("documents", "stream"):
-            raise ValueError(f"packing must be documents or stream, got {self.packing!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
         if self.rows_per_doc is not None and (self.rows_per_doc < 1 or self.packing != "documents"):
             raise ValueError(f"rows_per_doc must be >= 1 with packing=documents, got {self.rows_per_doc} with "
                              f"packing={self.packing}")
@@ -382,9 +410,9 @@ class DataConfig(Section):
     def tokens_per_step(self, num_processes: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * num_processes
 
-
-def load_data(tokenizer, cfg: DataConfig, train_rows: int) -> PackedData:
-    """`build_data` with the run's data options: `train_rows` training rows and `cfg.val_tokens` of validation."""
-    return build_data(tokenizer, list(cfg.corpus), cfg.data, cfg.seq_len, train_rows,
-                      max(1, math.ceil(cfg.val_tokens / cfg.seq_len)), cfg.seed, cfg.text_field, cfg.val_fraction,
-                      cfg.packing, cfg.rows_per_doc, cfg.chat_template, cfg.long_examples)
+    def load(self, tokenizer, train_rows: int) -> PackedData:
+        """`build_data` with these options: `train_rows` training rows and `val_tokens` of validation."""
+        return build_data(tokenizer, list(self.corpus), self.data, self.seq_len, train_rows,
+                          max(1, math.ceil(self.val_tokens / self.seq_len)), self.seed, self.text_field,
+                          self.val_fraction, self.packing, self.rows_per_doc, self.chat_template,
+                          self.long_examples)

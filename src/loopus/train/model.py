@@ -16,7 +16,7 @@ from ..checkpoint import is_loopus_checkpoint
 from ..convert import check_split, convert
 from ..looped import LoopedModel
 from ..zoo import check_base_exists, load_base
-from .options import Section, option, parse_bool, parse_strings
+from .options import Section, option, parse_strings
 from .recipes import DEFAULT
 
 MODES = ("loopus", "dense")
@@ -50,7 +50,6 @@ class BuildConfig(Section):
     depth_lora_alpha: float = option(DEFAULT["depth_lora_alpha"], "LoRA alpha of the depth-wise adapters")
     depth_lora_count: int = option(DEFAULT["depth_lora_count"], "distinct depth-wise adapters: 1 shares one "
                                    "across loops 2 on; k > 1 gives loops 2..k+1 one each")
-    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward", parse=parse_bool)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -102,6 +101,11 @@ def build_model(
     elif model is None:
         model, loaded_tokenizer = load_base(cfg.model)
         tokenizer = tokenizer or loaded_tokenizer
+    if given_looped and cfg.looped and split_given:
+        own = (model.config.encoder_layers, model.config.decoder_layers)
+        if own != (encoder_layers, decoder_layers):
+            raise ValueError(f"{cfg.model} is a LoopUS checkpoint with its own split (encoder {own[0]}, decoder "
+                             f"{own[1]}): leave out --encoder-layers/--decoder-layers")
     rank, count = cfg.depth_lora_rank, cfg.depth_lora_count
     if not cfg.looped:
         if given_looped:

@@ -9,6 +9,7 @@ A tied lm_head is the embedding matrix: it trains only if neither `embeddings` n
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -154,3 +155,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every weight of `model` (names, shapes, dtypes and bytes): what a resumed run started from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -60,6 +60,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def all_finite(params: list[nn.Parameter]) -> bool:
+    """Whether this process's values (its shards under FSDP) of `params` are all finite."""
+    return all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in params)
+
+
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (inf: measure only); returns the total norm over all shards, as a plain tensor."""
     grads = [p.grad for p in params if p.grad is not None]

@@ -85,6 +85,19 @@ def build_trackers(cfg: LogConfig, out: Path) -> list[GeneralTracker | str]:
     return trackers + list(cfg.log_with)
 
 
+def drop_records_after(logs: Path, step: int) -> None:
+    """Forget the records of `logs/train.jsonl` after `step`: a resumed run logs those steps again."""
+    path = logs / "train.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, int | float]:
     """The numbers of a record, nested keys joined with `/`, without the top-level `step`."""
     out: dict[str, int | float] = {}

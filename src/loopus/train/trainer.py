@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..errors import LoopUSError
-from ..looped import LoopedModel
 from .checkpointing import (
     finalize_checkpoint,
     latest_checkpoint,
@@ -42,10 +41,11 @@ from .checkpointing import (
     load_checkpoint,
     load_rng,
     prepare_staging,
+    set_aside_diverged,
     staging_dir,
 )
 from .config import RESUMED_AS_WHOLES, Runtime, TrainConfig, resolve
-from .data import PackedData, load_data
+from .data import SHUFFLE_BLOCK, PackedData
 from .evaluation import evaluate
 from .model import build_model
 from .objective import rds_step, sample_plan
@@ -58,9 +58,18 @@ from .params import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     trainable_state,
+    weights_digest,
 )
-from .sharding import clip_gradients, gather_full, gather_optimizer, gather_trainable, load_sharded, shard_model
-from .tracking import build_trackers, log_record
+from .sharding import (
+    all_finite,
+    clip_gradients,
+    gather_full,
+    gather_optimizer,
+    gather_trainable,
+    load_sharded,
+    shard_model,
+)
+from .tracking import build_trackers, drop_records_after, log_record
 
 
 class TrainingDiverged(LoopUSError, RuntimeError):
@@ -90,7 +99,8 @@ class Trainer:
                  callbacks: list[Callable[["Trainer", int, dict], None]] | None = None,
                  accelerator: Accelerator | None = None):
         # the run's own copy, resolved for where it runs; the caller's config is never changed
-        self.cfg = cfg = resolve(cfg, Runtime.of(accelerator) if accelerator is not None else Runtime.detect())
+        self.runtime = Runtime.of(accelerator) if accelerator is not None else Runtime.detect()
+        self.cfg = cfg = resolve(cfg, self.runtime)
         self.callbacks = callbacks or []
         self.out = Path(cfg.out)
         self.accelerator = accelerator or Accelerator(
@@ -106,6 +116,7 @@ class Trainer:
         set_seed(cfg.dataset.seed)
         self._build_model(model, tokenizer, bf16=cfg.precision == "bf16")
         self.total_steps = self.cfg.total_steps(self.world)
+        self.rows_needed = self.total_steps * cfg.dataset.batch_size * cfg.dataset.grad_accum * self.world
         self.data = data if data is not None else self._build_data()
         if cfg.dataset.chat_template and self.tokenizer is not None:  # saved with the model it trained
             self.tokenizer.chat_template = read_chat_template(cfg.dataset.chat_template)
@@ -120,10 +131,10 @@ class Trainer:
         acc = self.accelerator
         model, self.tokenizer, build = build_model(self.cfg.build, model=model, tokenizer=tokenizer)
         self.cfg = cfg = dataclasses.replace(self.cfg, build=build)  # dense from a LoopUS model: its split
-        self.looped = isinstance(model, LoopedModel)
         check_seq_len(cfg.dataset.seq_len, model)
+        self.model_digest = weights_digest(model)  # the starting weights: a resume must start from the same
         apply_freeze(model, build.frozen, *build.split)
-        if build.gradient_checkpointing:
+        if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.core = model                       # the module whose pieces (encode, loop_step, ...) run
         self.module = model                     # the module whose parameters train (a PeftModel with LoRA)
@@ -144,9 +155,9 @@ class Trainer:
         cfg = self.cfg.dataset
         if self.tokenizer is None:
             raise ValueError("no tokenizer: pass one, or a model directory that holds one")
-        rows = self.total_steps * cfg.batch_size * cfg.grad_accum * self.world
         with self.accelerator.main_process_first():
-            return load_data(self.tokenizer, cfg, rows)
+            # whole shuffle blocks: the rows this run reads are then the first ones of any longer run
+            return cfg.load(self.tokenizer, -(-self.rows_needed // SHUFFLE_BLOCK) * SHUFFLE_BLOCK)
 
     def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
         return self.cfg.optim.scheduler(self.optimizer, self.total_steps, step)
@@ -163,7 +174,9 @@ class Trainer:
 
     def validate(self, tag: str) -> dict[str, dict[str, float]]:
         cfg = self.cfg
-        batches = self.data.valid_batches(cfg.logging.eval_batch_size, self.rank, self.world)
+        batches = tqdm(self.data.valid_batches(cfg.logging.eval_batch_size, self.rank, self.world), unit="batch",
+                       desc=f"validate[{tag}]", disable=not (self.is_main and cfg.logging.progress), leave=False,
+                       dynamic_ncols=True)
         with self.accelerator.autocast():
             result = evaluate(self.core, batches, cfg.logging.eval_loops, cfg.rds, self.accelerator.device,
                               reduce=self.accelerator.reduce)
@@ -174,6 +187,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
+        if float(acc.reduce(torch.tensor(float(not all_finite(self.params)), device=acc.device))) > 0:
+            last = latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"the weights became non-finite by optimiser step {self.step}: no checkpoint written. Last good "
+                f"checkpoint: {last if last else 'none'} (resume from it with --resume and a lower --lr)")
         if self.is_main:
             prepare_staging(self.out, self.step)
         acc.wait_for_everyone()
@@ -186,7 +204,8 @@ class Trainer:
         path = None
         if self.is_main:
             state = {"step": self.step, "micro_batches": self.step * self.cfg.dataset.grad_accum,
-                     "tokens": self.tokens, "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict()}
+                     "tokens": self.tokens, "world": self.world, "sharded": self.sharded, "config": self.cfg.to_dict(),
+                     "model_digest": self.model_digest}
             path = finalize_checkpoint(self.out, self.step, trainable, optimizer_state, state,
                                        self.cfg.logging.keep_checkpoints)
             self.log({"step": self.step, "event": "checkpoint", "path": str(path)})
@@ -196,7 +215,10 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Continue exactly from checkpoint `path`; refuses one written with other data or plan settings."""
         ckpt = load_checkpoint(path)
-        state, saved = ckpt["state"], TrainConfig.saved(ckpt["state"]["config"])
+        # resolved where it ran: a checkpoint of an earlier release holds its options as they were given
+        state = ckpt["state"]
+        runtime = Runtime(state.get("world", self.world), state.get("sharded", False), self.runtime.device)
+        saved = resolve(TrainConfig.saved(state["config"]), runtime)
         diff = {}
         for name in RESUMED_AS_WHOLES:
             then, now = getattr(saved, name).to_dict(), getattr(self.cfg, name).to_dict()
@@ -207,6 +229,9 @@ class Trainer:
             diff["fsdp"] = (state.get("sharded", False), self.sharded)
         if diff:
             raise ValueError(f"cannot resume from {path} exactly: settings differ (checkpoint, now): {diff}")
+        if state.get("model_digest", self.model_digest) != self.model_digest:
+            raise ValueError(f"cannot resume from {path}: it was trained from other starting weights than "
+                             f"{self.cfg.build.model} holds; resume with the model that run started from")
         wanted = trainable_state(self.module)
         missing = sorted(set(wanted) - set(ckpt["trainable"]))
         if missing:
@@ -225,6 +250,8 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
+        if self.is_main:  # the steps after the checkpoint run again: their records go
+            drop_records_after(self.out / "logs", self.step)
         self._rebase_schedule(peaks, saved.optim)
         load_rng(self.accelerator, path)
 
@@ -285,6 +312,9 @@ class Trainer:
         bad = torch.tensor(float(not all(math.isfinite(v) for v in losses) or "nonfinite" in totals
                                  or not torch.isfinite(grad_norm)), device=acc.device)
         if float(acc.reduce(bad)) > 0:
+            if self.is_main:  # a checkpoint of the weights that just diverged would diverge again on resume
+                set_aside_diverged(self.out, self.step)
+            acc.wait_for_everyone()
             last = latest_checkpoint(self.out)
             shown = {k: round(v, 4) for k, v in totals.items() if k.startswith(("lm", "conf", "mono"))}
             raise TrainingDiverged(
@@ -309,15 +339,19 @@ class Trainer:
                 self.restore(last)
                 if self.is_main:
                     print(f"resumed from {last} at step {self.step}", flush=True)
+            elif self.is_main:
+                where = "does not exist" if not self.out.exists() else "holds no checkpoint"
+                print(f"--resume: {self.out} {where}; starting from step 0", flush=True)
         elif list_checkpoints(self.out):
             raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue, or another --out")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
             trainable, total = count_parameters(self.module)
-            self.log({"step": self.step, "event": "start", "trainable_params": trainable, "total_params": total,
+            self.log({"step": self.step, "event": "start", "config": self.cfg.to_dict(),
+                      "trainable_params": trainable, "total_params": total,
                       "processes": self.world, "train_rows": int(self.data.train.shape[0]),
-                      "valid_rows": int(self.data.valid.shape[0]), "mix": self.data.mix,
+                      "valid_rows": int(self.data.valid.shape[0]), "mix": self.data.mix_of(self.rows_needed),
                       "total_steps": self.total_steps})
             for name, sft in self.data.report.items():
                 print(f"SFT data {name}: {sft['format']}, {sft['examples']} training and {sft['valid_examples']} "
@@ -351,6 +385,8 @@ class Trainer:
                 self.history[f"step{self.step}"] = self.validate(f"step{self.step}")
         bar.close()
         wall = time.perf_counter() - started
+        if steps_here:
+            self.save_checkpoint()  # a finished run can be extended (`--resume --max-steps N`)
         if logging.eval_at_end and self.data.valid.shape[0]:
             self.history["after"] = self.validate("after")
         self.history["throughput"] = {"steps": steps_here, "seconds": wall,
@@ -374,7 +410,7 @@ class Trainer:
             bad = [n for n, p in values if not torch.isfinite(p).all()]
             if bad:
                 raise CheckpointError(f"refusing to save non-finite weights ({bad[:3]})")
-            if self.cfg.build.gradient_checkpointing:
+            if self.cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
             tmp = self.out / ".final-tmp"
             shutil.rmtree(tmp, ignore_errors=True)
