@@ -67,7 +67,6 @@ def test_fixed_value_options_list_their_choices():
     assert list(by_flag["--show-loops"].choices) == ["off", "number", "color"]
 
 
-@pytest.mark.xfail(reason="commands/run.py and commands/train.py still import torch at module level", strict=False)
 def test_help_does_not_import_torch():
     env = {**os.environ, "PYTHONPATH": SRC}
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "loopus.cli", "--help"], env=env,

@@ -18,9 +18,6 @@ from .checkpoint import CheckpointError
 from .errors import LoopUSError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
-# Calibration tokens the split analysis reads by default: fewer move the encoder boundary of Gemma 3 270M
-# and the chosen split gets worse (docs/RESULTS.md, "Split choice").
-CALIBRATION_TOKENS = 2048
 
 
 class SplitError(LoopUSError, ValueError):

@@ -32,10 +32,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .config import CALIBRATION_TOKENS, SplitError
+from .config import SplitError
 from .convert import convert
 from .dynamics_plot import plot_dynamics
 from .modeling import LoopUSForCausalLM, soft_cap
+from .options import CALIBRATION_TOKENS
 from .paths import data_path
 from .split import SplitConstraints, choose_split, load_split
 from .text import read_documents, token_windows

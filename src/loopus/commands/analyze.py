@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import CALIBRATION_TOKENS
+
 HELP = "measure per-layer representation dynamics and choose the encoder/reasoning/decoder split"
 
 
@@ -45,7 +47,6 @@ def constraints_from(args: argparse.Namespace):
 
 def add_calibration_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--data, --calibration, --tokens: the text the split analysis reads (`analyze`, `convert --split auto`)."""
-    from ..config import CALIBRATION_TOKENS  # its default is shown in the help (only when the verb is built)
 
     p.add_argument("--data", default=None,
                    help="data directory (default: $LOOPUS_DATA), or a .jsonl/.txt file that is the calibration text")

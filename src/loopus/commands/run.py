@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import CALIBRATION_TOKENS
 from ..deprecation import add_old_flag
+from ..options import CALIBRATION_TOKENS
+
+HELP = "the main job: analyze, convert, post-train, evaluate, report"
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -55,7 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="the main job: analyze, convert, post-train, evaluate, report")
+    p = subparsers.add_parser("run", help=HELP)
     p.add_argument("--model", default="gemma-3-270m", help="base model: embedded name, directory or hub id")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     p.add_argument("--encoder-layers", type=int, default=None, help="override the analyzed split")

@@ -11,13 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
-from ..train.config import SECTIONS, TrainConfig, top_fields
-from ..train.recipes import RECIPES
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
+
+HELP = "post-train a LoopUS model with random deep supervision (or a dense baseline)"
 
 
 def option_fields() -> list[dataclasses.Field]:
     """Every option of `TrainConfig` with a flag of its own, in the order of the sub-configs."""
+    from ..train.config import SECTIONS, top_fields
+
     fields = [f for section in SECTIONS.values() for f in dataclasses.fields(section)]
     return fields + [f for f in top_fields() if f.name != "resume"]
 
@@ -31,9 +36,11 @@ def shown(value) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..train.recipes import RECIPES
+
     p = subparsers.add_parser(
         "train",
-        help="post-train a LoopUS model with random deep supervision (or a dense baseline)",
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from ..train.config import TrainConfig
+
     values: dict = {}
     if args.config:
         values.update(TrainConfig.read_file(args.config))
