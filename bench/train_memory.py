@@ -129,8 +129,9 @@ def main(argv=None) -> int:
               f"step growth T={hi}/T={lo} = {r[hi]['rss_growth'] / max(r[lo]['rss_growth'], 1):.3f}; "
               f"graph T={hi}/T={lo} = {r[hi]['graph'] / r[lo]['graph']:.3f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        from loopus.eval.report import write_json
+
+        write_json(results, args.out)
     return 0
 
 

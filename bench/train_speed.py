@@ -21,6 +21,7 @@ import time
 import torch
 
 import loopus
+from loopus.eval.report import write_json
 from loopus.train.flops import dense_step_flops, plan_flops
 from loopus.train.objective import RDSConfig, dense_step, rds_step, sample_plan
 from loopus.train.params import apply_freeze
@@ -100,12 +101,11 @@ def main(argv=None) -> int:
         "dense_tokens_per_s": tokens * len(plans) / sum(dense_times),
         "loopus_tokens_per_s": tokens * len(plans) / sum(loop_times),
     }
+    if args.out:
+        write_json(result, args.out)
     print(json.dumps(result, indent=1))
     print(f"LoopUS/dense step time {result['time_ratio']:.2f}x, FLOP ratio {result['flop_ratio']:.2f}x "
           f"(dense {result['dense_tokens_per_s']:.1f} tok/s, LoopUS {result['loopus_tokens_per_s']:.1f} tok/s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 
