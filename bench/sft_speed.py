@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import loopus
-from loopus.train.data import INPUT_ONLY, build_data, split_row
+from loopus.train.data import build_data, split_row
+from loopus.train.sources import INPUT_ONLY
 from loopus.train.objective import RDSPlan, dense_step, rds_step
 from loopus.train.params import apply_freeze
 from loopus.paths import data_path

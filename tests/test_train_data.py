@@ -8,7 +8,9 @@ import re
 import pytest
 import torch
 
-from loopus.train.data import IGNORE_INDEX, PAD_SLOT, build_data, parse_corpus, resolve_source, split_row
+from loopus.text import IGNORE_INDEX
+from loopus.train.data import build_data, split_row
+from loopus.train.sources import PAD_SLOT, parse_corpus, resolve_source
 from conftest import char_tokenizer
 from test_train_helpers import write_corpus
 

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..looped import LoopedModel, looped_view
-from .data import IGNORE_INDEX
+from ..text import IGNORE_INDEX
 from .options import Section, need_at_least, option
 from .recipes import DEFAULT
 

@@ -13,7 +13,7 @@ Jinja file, `--chat-template`); an assistant message's tokens are the text the t
 the conversation before it with the generation prompt and the conversation through it, so its
 end-of-turn marker is supervised too and the model learns to stop.
 
-Labels. Prompt tokens are stored as input only (`data.INPUT_ONLY`): every loss term (LM, monotonicity,
+Labels. Prompt tokens are stored as input only (`sources.INPUT_ONLY`): every loss term (LM, monotonicity,
 confidence) and validation skip them, so the chunked cross entropy computes the vocabulary head only
 at answer positions.
 
@@ -33,7 +33,9 @@ import torch
 
 from ..errors import LoopUSError
 from ..text import read_jsonl_records
-from .data import INPUT_ONLY, LONG_EXAMPLES, PAD_SLOT, Source, _held_out
+from .sources import INPUT_ONLY, PAD_SLOT, Source, held_out
+
+LONG_EXAMPLES = ("refuse", "truncate_prompt")  # what to do with an example longer than a row
 
 FORMATS = ("prompt_completion", "messages")
 
@@ -175,7 +177,7 @@ def _records(source: Source, split: str, val_fraction: float) -> Iterator[tuple[
         if path.suffix != ".jsonl":
             raise SFTDataError(f"{path}: SFT data is read from .jsonl files (one example per line)")
         for number, line, record in read_jsonl_records(path, "the fields of a training example"):
-            if hashed and _held_out(line.strip(), val_fraction) != (split == "valid"):
+            if hashed and held_out(line.strip(), val_fraction) != (split == "valid"):
                 continue
             yield f"{path}:{number}", record
 
