@@ -14,12 +14,14 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PROFILE ?= quick
 # What an upstream release is most likely to break: exactness, the cache, generation and adaptive exit,
-# checkpoints, one training step, the lm-eval adapter, and the server and chat (FastAPI, uvicorn, openai).
+# checkpoints, one training step, the lm-eval adapter and the reasoning tasks, SFT data (chat templates),
+# refused input, and the server and chat (FastAPI, uvicorn, openai).
 DRIFT_TESTS ?= tests/test_convert.py tests/test_checkpoint.py tests/test_cache.py tests/test_generate.py \
 	tests/test_exit.py tests/test_train_objective.py tests/test_function_preserving.py tests/test_eval_lm_eval.py \
 	tests/test_real_gemma.py tests/test_perplexity.py \
 	tests/test_train_real.py "tests/test_train_trainer.py::test_killed_and_resumed_run_ends_bit_identical" \
-	tests/test_serve.py tests/test_chat.py
+	tests/test_serve.py tests/test_chat.py \
+	tests/test_sft.py tests/test_reasoning_eval.py tests/test_bad_input.py
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +45,7 @@ test-newest:
 	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
 	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir "$(TORCH_SPEC)"
 	$(NEWEST_VENV)/bin/pip install --quiet --no-cache-dir -e ".[dev]"
-	$(NEWEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|lm.eval|safetensors|tokenizers) '
+	$(NEWEST_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|lm.eval|safetensors|tokenizers|fastapi|uvicorn|openai) '
 	$(NEWEST_VENV)/bin/python -m pytest -q $(DRIFT_TESTS)
 
 .PHONY: install run test test-newest
