@@ -10,6 +10,7 @@ import pytest
 from eval_fixtures import make_tiny_checkpoints
 
 from loopus.cli import main
+from loopus.eval.report import stderr_name
 from loopus.tasks import write_depthchain
 
 TASKS = ["prontoqa", *(f"prontoqa_{h}hop" for h in range(1, 5)), "prosqa", "gsm8k_nocot", "mult_4x4", "mult_5x5",
@@ -71,3 +72,29 @@ def test_lm_eval_cli_scores_every_task_with_stderr_and_per_depth(tiny, reasoning
         key = f"{metric},{filt.rstrip(']') or 'none'}"
         assert results[task][key] in (0.0, 0.5, 1.0)
         assert results[task][key.replace(",", "_stderr,")] >= 0.0  # accuracy with its standard error
+
+
+def test_loopus_eval_reports_stderr_and_every_depth_of_a_requested_group(tiny, reasoning_data, tmp_path):
+    """`loopus eval --tasks GROUP` reports the pooled group and each member (each depth), every accuracy
+    beside its standard error, in report.json and report.md."""
+    _, loop_dir = tiny
+    out = tmp_path / "report"
+    code = main(["eval", str(loop_dir), "--data", str(reasoning_data), "--tasks", "prontoqa_ladder,depthchain,prosqa",
+                 "--limit", "2", "--num-loops", "1,2", "--batch-size", "4", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    ladder = [f"prontoqa_{h}hop" for h in range(1, 5)] + ["prontoqa"]
+    chain = [f"depthchain_k{k}" for k in range(1, 17)]
+    expected = ["prontoqa_ladder", *ladder, "depthchain", *chain, "prosqa"]
+    md = (out / "report.md").read_text()
+    for n in ("1", "2"):
+        metrics = report["loops"][n]
+        assert list(metrics) == expected  # each group, then its members in order
+        for task in [*ladder, *chain, "prosqa"]:
+            metric = _metric(task)
+            acc, err = metrics[task][metric], metrics[task][stderr_name(metric)]
+            # the standard error of a mean of 2 scores of 0 or 1: 0.5 when they differ, else 0
+            assert acc in (0.0, 0.5, 1.0) and err == pytest.approx(0.5 if acc == 0.5 else 0.0)
+        assert metrics["prontoqa_ladder"]["acc_stderr"] >= 0.0
+        assert metrics["depthchain"]["exact_match_stderr[strict-match]"] >= 0.0
+    assert "| depthchain_k16 | exact_match_stderr[strict-match] |" in md and "| prontoqa_ladder | acc_stderr |" in md

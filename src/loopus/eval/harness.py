@@ -13,11 +13,11 @@ from typing import Any, Iterable
 from ..config import check_num_loops
 from ..deprecation import renamed_keyword
 from .report import (
-    flatten_results,
     markdown_table,
     metric_rows,
     plot_compute_vs_quality,
     plot_metric_vs_loops,
+    requested_results,
     write_json,
 )
 
@@ -42,11 +42,11 @@ def _task_manager(tasks: list[str], data: str | Path | None = None):
 
 
 def _simple_evaluate(lm, tasks: list[str], limit: float | None, tm, **kwargs) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for `tasks` and the members of the groups among them, standard errors included."""
     from lm_eval import simple_evaluate
 
     results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, **kwargs)
-    flat = flatten_results(results)
-    return {t: flat[t] for t in tasks if t in flat}
+    return requested_results(results, tasks)
 
 
 def evaluate_hf(

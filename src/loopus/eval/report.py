@@ -15,13 +15,25 @@ from ..plotting import pyplot, save_figure
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
-def flatten_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """`simple_evaluate(...)` output -> {task: {metric: value}}: filter suffix and stderr dropped."""
+def stderr_name(metric: str) -> str:
+    """The flattened name of `metric`'s standard error: acc -> acc_stderr, m[filter] -> m_stderr[filter]."""
+    base, bracket, filt = metric.partition("[")
+    return f"{base}_stderr{bracket}{filt}"
+
+
+def flatten_results(results: Mapping[str, Any], stderr: bool = False) -> dict[str, dict[str, float]]:
+    """`simple_evaluate(...)` output -> {task: {metric: value}}, a filter kept as `metric[filter]`.
+
+    Standard errors are dropped, or with `stderr` kept as metrics of their own (`acc_stderr`); one that
+    lm-eval could not compute ("N/A", e.g. for one document) is left out.
+    """
     flat: dict[str, dict[str, float]] = {}
     for task, metrics in (results.get("results") or {}).items():
         row = {}
         for key, value in metrics.items():
-            if key in ("alias", "sample_len", "samples") or "_stderr" in key or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len", "samples") or not isinstance(value, (int, float)):
+                continue
+            if "_stderr" in key and not stderr:
                 continue
             metric, _, filt = key.partition(",")
             if filt not in ("", "none"):
@@ -30,6 +42,24 @@ def flatten_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         if row:
             flat[task] = row
     return flat
+
+
+def requested_results(results: Mapping[str, Any], tasks: Iterable[str]) -> dict[str, dict[str, float]]:
+    """The report rows for `tasks`, with standard errors: each task, and after a group each of its members
+    (so a laddered group gives its accuracy per depth next to the pooled one)."""
+    flat = flatten_results(results, stderr=True)
+    members = results.get("group_subtasks") or {}
+    rows: dict[str, dict[str, float]] = {}
+
+    def add(name: str) -> None:
+        if name in flat and name not in rows:
+            rows[name] = flat[name]
+        for member in members.get(name, ()):
+            add(member)
+
+    for task in tasks:
+        add(task)
+    return rows
 
 
 def _fmt(value: Any) -> str:
@@ -65,11 +95,14 @@ def metric_rows(by_model: Mapping[str, Mapping[str, Mapping[str, float]]]) -> li
 
 
 def _series(points: Iterable[tuple[Any, Mapping[str, Mapping[str, float]]]]) -> dict[str, list[tuple[Any, float]]]:
-    """(x, {task: {metric: value}}) points -> {"task metric": [(x, value), ...]}: one series per panel."""
+    """(x, {task: {metric: value}}) points -> {"task metric": [(x, value), ...]}: one series per panel
+    (standard errors are error bars on their metric's panel, not panels of their own)."""
     series: dict[str, list[tuple[Any, float]]] = {}
     for x, tasks in points:
         for task, metrics in tasks.items():
             for metric, value in metrics.items():
+                if "_stderr" in metric:
+                    continue
                 series.setdefault(f"{task} {metric}", []).append((x, value))
     return series
 
@@ -100,7 +133,9 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
     fig, axes = _panels(len(names))
     for ax, name in zip(axes.flat, names):
         xs, ys = zip(*series[name])
-        ax.plot(xs, ys, marker="o")
+        task, metric = name.split(" ", 1)
+        errs = [curve[n][task].get(stderr_name(metric)) for n in xs]
+        ax.errorbar(xs, ys, yerr=None if None in errs else errs, marker="o", capsize=3)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("num_loops")
