@@ -97,7 +97,7 @@ def test_generation_is_deterministic_from_the_seed(tmp_path):
     # each split draws from its own stream: a larger train split leaves valid and test as they were
     bigger = write("d", 3, train_size=9)
     assert bigger["test"] == first["test"] and bigger["valid"] == first["valid"]
-    assert bigger["train"].startswith(first["train"].split(b"\n")[0])
+    assert set(first["train"].splitlines()) < set(bigger["train"].splitlines())
     settings = json.loads((tmp_path / "a" / "depthchain" / "settings.json").read_text())
     assert settings["seed"] == 3 and settings["test_depths"] == [1, 3]
 
@@ -199,3 +199,11 @@ def test_make_task_builds_without_torch_and_documents_every_flag():
     probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip() == "[]"
+
+
+def test_training_examples_are_shuffled_across_depths(tmp_path):
+    # `loopus train` reads SFT examples in file order: its first examples must cover every training depth
+    files = write_depthchain(tmp_path, seed=0, train_depths=range(1, 5), test_depths=[1], train_size=100,
+                             valid_size=1, test_size=1)
+    first = [json.loads(line)["depth"] for line in files["train"].read_text().splitlines()[:40]]
+    assert set(first) == {1, 2, 3, 4}

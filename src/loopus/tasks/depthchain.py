@@ -12,7 +12,8 @@ chance (1/10), and a model has to follow the whole chain. The answer is one digi
 
 Generation is deterministic from the seed: each (split, depth) draws from its own `random.Random`
 stream (string seeds are hashed with SHA-512, stable across Python versions), so changing one split's
-size leaves every other split unchanged. Test items never appear in train or valid.
+size leaves every other split unchanged. Test items never appear in train or valid. The training
+split is shuffled across depths, since a run reads examples in file order.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def write_depthchain(
     splits = {"test": _items(seed, "test", test_depths, test_size, distractors, seen)}
     splits["valid"] = _items(seed, "valid", train_depths, valid_size, distractors, seen)
     splits["train"] = _items(seed, "train", train_depths, train_size, distractors, seen)
+    # training reads examples in file order, so a short run must not see only the first depth
+    random.Random(f"depthchain/{seed}/train/order").shuffle(splits["train"])
     folder = Path(out_dir) / TASK_DIR
     files = write_splits(folder, splits)
     settings = {"seed": seed, "train_depths": train_depths, "test_depths": test_depths, "train_size": train_size,
