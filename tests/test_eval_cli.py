@@ -68,3 +68,14 @@ def test_eval_wrapper_refuses_unsupported_exit_clearly(tiny, small_data, tmp_pat
     # one line that names the bad strategy and the ones to choose from
     assert err[-1] == f"loopus eval: error: unknown exit_strategy 'no-such-strategy': choose one of {', '.join(STRATEGIES)}"
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("flags", [["--num-loops", "1,2"], ["--exit-strategy", "kl"]])
+def test_eval_refuses_loop_settings_for_a_model_that_is_not_looped(tiny, small_data, tmp_path, capsys, flags):
+    base_dir, _ = tiny
+    code = main(["eval", str(base_dir), "--data", str(small_data), "--tasks", "openbookqa", "--limit", "1", *flags,
+                 "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("loopus eval: error: ") and "not a LoopUS checkpoint" in err[-1]
+    assert "loopus convert" in err[-1] and not (tmp_path / "report.json").exists()

@@ -29,12 +29,15 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+DEFAULT_LOOPS = [1, 2, 4, 8]
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help=HELP)
     p.add_argument("model", help="LoopUS checkpoint directory, or a base model (embedded name / directory)")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval tasks")
     p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit; default: all)")
-    loops = p.add_argument("--num-loops", type=_ints, default="1,2,4,8", help="loop budgets to sweep, e.g. 1,2,4")
+    loops = p.add_argument("--num-loops", type=_ints, default=None,
+                           help="loop budgets to sweep, e.g. 1,2,4 (default: 1,2,4,8)")
     p.add_argument("--exit-strategy", default=None, help=f"per-token adaptive exit ({', '.join(EXIT_STRATEGIES)}), "
                    "swept over --exit-threshold (default: none)")
     threshold = p.add_argument("--exit-threshold", type=_floats, default=[],
@@ -60,14 +63,17 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     settings = {"model": args.model, "tasks": ",".join(tasks), "limit": args.limit}
     if is_loopus_checkpoint(args.model):
+        num_loops = args.num_loops or DEFAULT_LOOPS
         result = evaluate_loopus(
-            args.model, tasks, args.num_loops, args.limit, args.exit_strategy, args.exit_threshold,
+            args.model, tasks, num_loops, args.limit, args.exit_strategy, args.exit_threshold,
             min_loops=args.min_loops, batch_size=args.batch_size, device=args.device, data=data,
         )
-        report = {"settings": {**settings, "loops": args.num_loops, "exit_strategy": args.exit_strategy}, **result}
+        report = {"settings": {**settings, "loops": num_loops, "exit_strategy": args.exit_strategy}, **result}
     else:
-        if args.exit_strategy or args.exit_threshold:
-            raise ValueError(f"{args.model} is not a LoopUS checkpoint: loops and exit settings don't apply")
+        if args.num_loops or args.exit_strategy or args.exit_threshold:
+            raise ValueError(f"{args.model} is not a LoopUS checkpoint: loops and exit settings don't apply "
+                             "(convert it first to sweep loop counts: loopus convert MODEL --encoder-layers E "
+                             "--decoder-layers D --out DIR)")
         metrics = evaluate_hf(args.model, tasks, args.limit, args.batch_size, args.device, data=data)
         report = {"settings": {**settings, "lm_eval_model": "hf"}, "base": metrics, "loops": {}, "points": []}
     files = write_eval_report(args.out, report, f"lm-eval: {Path(args.model).name}")
