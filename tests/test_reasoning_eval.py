@@ -55,7 +55,7 @@ def test_loopus_eval_scores_every_task_at_each_loop_count_and_exit_rule(tiny, re
             assert point["metrics"][task][_metric(task)] in (0.0, 0.5, 1.0)  # a share of the 2 documents
 
 
-@pytest.mark.parametrize("num_loops", [1, 2])
+@pytest.mark.parametrize("num_loops", [1, 2, 4])
 def test_lm_eval_cli_scores_every_task_with_stderr_and_per_depth(tiny, reasoning_data, tmp_path, num_loops):
     _, loop_dir = tiny
     out = tmp_path / "results"
