@@ -16,31 +16,22 @@ from pathlib import Path
 
 from ..deprecation import add_old_flag
 from ..options import EXIT_STRATEGIES
+from ..train.options import parse_floats, parse_ints
 
 DEFAULT_TASKS = "wikitext,lambada_openai,arc_easy,arc_challenge,piqa,hellaswag"
 HELP = "evaluate a LoopUS (or base) model with lm-eval: tables and plots"
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
-DEFAULT_LOOPS = [1, 2, 4, 8]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help=HELP)
     p.add_argument("model", help="LoopUS checkpoint directory, or a base model (embedded name / directory)")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval tasks")
     p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit; default: all)")
-    loops = p.add_argument("--num-loops", type=_ints, default=None,
+    loops = p.add_argument("--num-loops", type=parse_ints, default=None,
                            help="loop budgets to sweep, e.g. 1,2,4 (default: 1,2,4,8)")
     p.add_argument("--exit-strategy", default=None, help=f"per-token adaptive exit ({', '.join(EXIT_STRATEGIES)}), "
                    "swept over --exit-threshold (default: none)")
-    threshold = p.add_argument("--exit-threshold", type=_floats, default=[],
+    threshold = p.add_argument("--exit-threshold", type=parse_floats, default=[],
                                help="exit thresholds to sweep at the largest --num-loops, e.g. 0.5,0.8,0.95 "
                                     "(default: the strategy's own)")
     p.add_argument("--min-loops", type=int, default=None, help="fewest loops before a token may exit (default: 1)")
@@ -63,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     settings = {"model": args.model, "tasks": ",".join(tasks), "limit": args.limit}
     if is_loopus_checkpoint(args.model):
-        num_loops = args.num_loops or DEFAULT_LOOPS
         result = evaluate_loopus(
-            args.model, tasks, num_loops, args.limit, args.exit_strategy, args.exit_threshold,
+            args.model, tasks, args.num_loops, args.limit, args.exit_strategy, args.exit_threshold,
             min_loops=args.min_loops, batch_size=args.batch_size, device=args.device, data=data,
         )
-        report = {"settings": {**settings, "loops": num_loops, "exit_strategy": args.exit_strategy}, **result}
+        settings.update(loops=list(result["loops"]), exit_strategy=args.exit_strategy)
+        report = {"settings": settings, **result}
     else:
         if args.num_loops or args.exit_strategy or args.exit_threshold:
             raise ValueError(f"{args.model} is not a LoopUS checkpoint: loops and exit settings don't apply "
