@@ -65,6 +65,11 @@ class LoopUSConfig(PretrainedConfig):
         gate_init: the gate's mixing coefficient at initialisation (share of the new state taken). The
             default 0.02 keeps every extra loop close to a no-op at initialisation, so that training has to
             earn it (docs/RESULTS.md).
+        gate_floor: the smallest share the gate can take (0: it can close fully). A floor keeps every loop
+            from switching itself off during training; it must lie below `gate_init`.
+        input_injection: feed the encoder output h_0 into every pass from loop 2 on, through a linear map
+            that starts at zero (so every loop count starts as without it), as Huginn and McLeish et al.
+            do: a deep loop keeps a direct view of the problem instead of only its own last state.
         kv_mode: "per_depth" keeps one KV per reasoning layer and loop depth; "shared" keeps one per layer.
         depth_lora_rank: rank of the depth-wise LoRA adapters (PEFT) on the reasoning block's linear
             layers, active from loop 2 on (0: none). Loop 1 runs without them, so one loop stays
@@ -86,6 +91,8 @@ class LoopUSConfig(PretrainedConfig):
         num_loops: int = 4,
         gate_rank: int = 64,
         gate_init: float = 0.02,
+        gate_floor: float = 0.0,
+        input_injection: bool = False,
         kv_mode: str = "per_depth",
         depth_lora_rank: int = 0,
         depth_lora_alpha: float = 32.0,
@@ -99,6 +106,8 @@ class LoopUSConfig(PretrainedConfig):
         self.num_loops = num_loops
         self.gate_rank = gate_rank
         self.gate_init = gate_init
+        self.gate_floor = gate_floor
+        self.input_injection = input_injection
         self.kv_mode = kv_mode
         self.depth_lora_rank = depth_lora_rank
         self.depth_lora_alpha = depth_lora_alpha
@@ -107,6 +116,10 @@ class LoopUSConfig(PretrainedConfig):
         super().__init__(**kwargs)
         if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real) or not 0.0 < gate_init < 1.0:
             raise ValueError(f"gate_init must be a number in (0, 1), got {gate_init!r}")
+        if isinstance(gate_floor, bool) or not isinstance(gate_floor, numbers.Real) or not 0.0 <= gate_floor < gate_init:
+            raise ValueError(f"gate_floor must be a number in [0, gate_init = {gate_init}), got {gate_floor!r}")
+        if not isinstance(input_injection, bool):
+            raise ValueError(f"input_injection must be true or false, got {input_injection!r}")
         check_num_loops(num_loops)
         check_int(gate_rank, "gate_rank", 1)
         check_int(depth_lora_rank, "depth_lora_rank", 0)

@@ -99,6 +99,8 @@ def convert(
     num_loops: int | None = None,
     gate_rank: int | None = None,
     gate_init: float | None = None,
+    gate_floor: float | None = None,
+    input_injection: bool | None = None,
     kv_mode: str | None = None,
     depth_lora_rank: int | None = None,
     depth_lora_alpha: float | None = None,
@@ -110,8 +112,8 @@ def convert(
     To choose them from the base model's representation dynamics ("auto") or a split.json, use
     `loopus.dynamics.convert_auto`. `base_model` may also be an embedded name, a checkpoint directory or
     a hub id. The returned model shares the base model's modules: with `num_loops=1` it computes exactly
-    the base model. `num_loops`, `gate_rank`, `gate_init`, `kv_mode` and `depth_lora_rank`/`_alpha`/`_count`
-    are stored in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
+    the base model. `num_loops`, `gate_rank`, `gate_init`, `gate_floor`, `input_injection`, `kv_mode` and
+    `depth_lora_rank`/`_alpha`/`_count` are stored in the model's `LoopUSConfig` (see it for their meaning); left out, they take its defaults.
     `depth_lora_rank > 0` adds depth-wise LoRA adapters that act from loop 2 on (`loopus.adapters`).
     """
     for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
@@ -124,7 +126,8 @@ def convert(
         base_model, _ = load_base(base_model)
     check_supported(base_model)
     num_encoder, num_decoder = split_counts(base_model.config.num_hidden_layers, encoder_layers, decoder_layers)
-    options = dict(num_loops=num_loops, gate_rank=gate_rank, gate_init=gate_init, kv_mode=kv_mode,
+    options = dict(num_loops=num_loops, gate_rank=gate_rank, gate_init=gate_init, gate_floor=gate_floor,
+                   input_injection=input_injection, kv_mode=kv_mode,
                    depth_lora_rank=depth_lora_rank, depth_lora_alpha=depth_lora_alpha,
                    depth_lora_count=depth_lora_count)
     config = LoopUSConfig(

@@ -6,6 +6,10 @@ proposal and the previous state and cannot run away however often the block is a
 difference is RMS-normalised first because residual streams of real models have norms in the
 hundreds. `W_up` starts at zero, so at initialisation `a` is the constant `gate_init` everywhere and
 training learns the input dependence from there.
+
+With a floor f > 0 the share is a = f + (1 - f) * exp(...), so it can never fall below f: a gate
+that closes is one way a trained loop switches itself off, and the floor takes that way away. The
+bias is set so that the share still starts at exactly `gate_init`.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from transformers import initialization as init
 
 
 class SelectiveGate(nn.Module):
-    def __init__(self, hidden_size: int, rank: int, gate_init: float):
+    def __init__(self, hidden_size: int, rank: int, gate_init: float, gate_floor: float = 0.0):
         super().__init__()
         self.gate_init = gate_init
+        self.gate_floor = gate_floor
         self.down = nn.Linear(hidden_size, rank, bias=False)
         self.up = nn.Linear(rank, hidden_size, bias=True)
         self.A_log = nn.Parameter(torch.zeros(hidden_size))
 
     def reset_parameters(self) -> None:
-        """a = exp(-softplus(b)) = gate_init at start, i.e. b = log(1/gate_init - 1)."""
+        """exp(-softplus(b)) = s at start, i.e. b = log(1/s - 1), for the share s above the floor that gives
+        a = gate_init."""
         init.normal_(self.down.weight, std=self.down.in_features**-0.5)
         init.zeros_(self.up.weight)
-        init.constant_(self.up.bias, math.log(1.0 / self.gate_init - 1.0))
+        share = (self.gate_init - self.gate_floor) / (1.0 - self.gate_floor)
+        init.constant_(self.up.bias, math.log(1.0 / share - 1.0))
         init.zeros_(self.A_log)
 
     def coefficient(self, proposal: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -37,7 +44,10 @@ class SelectiveGate(nn.Module):
         delta = (proposal - previous).float()
         delta = delta * torch.rsqrt(delta.pow(2).mean(-1, keepdim=True) + 1e-6)
         rate = nn.functional.softplus(self.up(self.down(delta.to(self.down.weight.dtype))).float())
-        return torch.exp(-rate * torch.exp(self.A_log.float())).to(proposal.dtype)
+        a = torch.exp(-rate * torch.exp(self.A_log.float()))
+        if self.gate_floor:
+            a = self.gate_floor + (1.0 - self.gate_floor) * a
+        return a.to(proposal.dtype)
 
     def forward(self, proposal: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.coefficient(proposal, previous)

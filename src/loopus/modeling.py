@@ -4,7 +4,7 @@ The wrapped model (`self.base`, e.g. a `Gemma3ForCausalLM`) keeps its own module
 class only decides the order in which its decoder layers run:
 
     h_0    = layers[0:e](embed(x))                         encoder, once
-    h~_t   = layers[e:d](h_{t-1})                          reasoning block, t = 1..num_loops
+    h~_t   = layers[e:d](h_{t-1} [+ W h_0 for t > 1])     reasoning block, t = 1..num_loops (injection.py)
     h_t    = h~_1 if t == 1 else gate(h~_t, h_{t-1})       the first pass is not gated
     logits = lm_head(norm(layers[d:L](h_T)))               decoder, once
 
@@ -37,7 +37,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .adapters import adapter_name, adapters_disabled, inject_depth_adapters, select_adapter
@@ -48,7 +47,9 @@ from .config import LoopUSConfig, check_int, check_num_loops
 from .deprecation import renamed_keyword
 from .gate import SelectiveGate
 from .halting import ConfidenceHead, ExitRule, ExitTracker
+from .injection import InputInjection
 from .looped import LoopedModel
+from .outputs import LoopUSCausalLMOutput
 
 MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -67,6 +68,7 @@ class LayerContext:
     position_ids: torch.LongTensor
     cache: LoopKVCache | None
     rows: torch.LongTensor | None = None  # batch rows this context covers; None = the whole batch
+    anchor: torch.Tensor | None = None  # h_0, for input injection; set by `encode`
 
     def select(self, rows: torch.LongTensor) -> "LayerContext":
         """The same context restricted to batch `rows` (absolute indices), for the rows still looping."""
@@ -80,7 +82,7 @@ class LayerContext:
 
         masks = {kind: pick(mask) for kind, mask in self.masks.items()}
         rotary = {kind: (pick(cos), pick(sin)) for kind, (cos, sin) in self.position_embeddings.items()}
-        return LayerContext(masks, rotary, pick(self.position_ids), self.cache, rows)
+        return LayerContext(masks, rotary, pick(self.position_ids), self.cache, rows, pick(self.anchor))
 
 
 @dataclass
@@ -98,28 +100,6 @@ class LoopPass:
         if self.rows is None:
             return self.gate
         return torch.zeros_like(self.state).index_copy(0, self.rows, self.gate)
-
-
-@dataclass
-class LoopUSCausalLMOutput(CausalLMOutputWithPast):
-    """Causal-LM output plus, on request, what each loop produced.
-
-    loop_hidden_states: the gated state h_t after each loop, num_loops tensors of (batch, seq, hidden).
-    loop_confidences: the confidence head's probability per token and loop, (batch, seq, num_loops).
-    gate_coefficients: the gate's mixing share `a` per loop from loop 2 on, (batch, seq, hidden) each.
-    last_hidden_state: the final-normed decoder output, (batch, seq, hidden), always returned, so a
-        caller that needs logits at a few positions only (scoring continuations) applies `lm_logits`
-        there itself and asks for `logits_to_keep=1`.
-    loop_passes: reasoning passes each token ran, (batch, seq), always returned. With adaptive exit
-        the loop may stop before num_loops; the per-loop tuples above then have one entry per pass
-        run, and a row that had exited keeps its last state (gate coefficient 0) in later entries.
-    """
-
-    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
-    loop_confidences: torch.Tensor | None = None
-    gate_coefficients: tuple[torch.Tensor, ...] | None = None
-    last_hidden_state: torch.Tensor | None = None
-    loop_passes: torch.LongTensor | None = None
 
 
 class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
@@ -141,7 +121,8 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
         else:
             self.base = AutoModelForCausalLM.from_config(config.require_base_config())
         hidden = config.base_config.hidden_size
-        self.gate = SelectiveGate(hidden, config.gate_rank, config.gate_init)
+        self.gate = SelectiveGate(hidden, config.gate_rank, config.gate_init, config.gate_floor)
+        self.injection = InputInjection(hidden) if config.input_injection else None
         self.confidence_head = ConfidenceHead(hidden)
         self.layer_types, _ = get_layer_types_and_kwargs(config.base_config)
         rotary = self.base.model.rotary_emb
@@ -179,7 +160,7 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
                 sub._is_hf_initialized = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (SelectiveGate, ConfidenceHead)):
+        if isinstance(module, (SelectiveGate, ConfidenceHead, InputInjection)):
             module.reset_parameters()
         elif module is getattr(self.__dict__.get("_modules", {}).get("confidence_head"), "proj", None):
             # For non-library models transformers marks a module that has no parameters of its own (the
@@ -264,8 +245,9 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
         return hidden
 
     def encode(self, inputs_embeds: torch.Tensor, ctx: LayerContext, **kwargs: Any) -> torch.Tensor:
-        """h_0: the encoder layers on the embeddings."""
-        return self.run_layers(inputs_embeds, range(self.config.encoder_layers), ctx, ctx.cache, **kwargs)
+        """h_0: the encoder layers on the embeddings (kept in `ctx` as the anchor of input injection)."""
+        ctx.anchor = self.run_layers(inputs_embeds, range(self.config.encoder_layers), ctx, ctx.cache, **kwargs)
+        return ctx.anchor
 
     def loop_step(
         self, state: torch.Tensor, ctx: LayerContext, depth: int, **kwargs: Any
@@ -281,7 +263,8 @@ class LoopUSForCausalLM(PreTrainedModel, GenerationMixin, LoopedModel):
                 return self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs), None
         if self.config.depth_lora_count > 1 and self._depth_tuners:
             select_adapter(self._depth_tuners, adapter_name(depth + 1, self.config.depth_lora_count))
-        proposal = self.run_layers(state, self.config.reasoning_range, ctx, cache, **kwargs)
+        block_input = state if self.injection is None else state + self.injection(ctx.anchor)
+        proposal = self.run_layers(block_input, self.config.reasoning_range, ctx, cache, **kwargs)
         return self.gate(proposal, state)
 
     def run_loop(self, state: torch.Tensor, ctx: LayerContext, num_loops: int, tracker: ExitTracker | None = None,

@@ -57,11 +57,12 @@ def dense_step_flops(config, seq_len: int, frozen_front_layers: int = 0, gradien
 def rds_step_flops(config, seq_len: int, encoder: int, decoder: int, rds: RDSConfig = RDSConfig(),
                    gradient_checkpointing: bool = False, samples: int = 4000, head_trains: bool = False,
                    weights_train: bool = True) -> float:
-    """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plans `rds` draws."""
+    """Expected FLOPs per token of one RDS step (encoder frozen), averaged over the plans `rds` draws (over
+    the whole run, for a horizon draw that ramps up)."""
     generator = torch.Generator().manual_seed(0)
     total = 0.0
-    for _ in range(samples):
-        plan = sample_plan(generator, rds)
+    for i in range(samples):
+        plan = sample_plan(generator, rds, progress=(i + 0.5) / samples)
         total += plan_flops(config, seq_len, encoder, decoder, plan, gradient_checkpointing, head_trains, weights_train)
     return total / samples
 

@@ -20,7 +20,7 @@ from .options import Section, option, parse_strings
 from .recipes import DEFAULT
 
 MODES = ("loopus", "dense")
-FREEZABLE = ("embeddings", "encoder", "reasoning", "adapters", "gate", "decoder", "head", "confidence")
+FREEZABLE = ("embeddings", "encoder", "reasoning", "adapters", "gate", "injection", "decoder", "head", "confidence")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class BuildConfig(Section):
                                         parse=int)
     gate_rank: int = option(DEFAULT["gate_rank"], "gate bottleneck when converting")
     gate_init: float = option(DEFAULT["gate_init"], "gate mixing share at init when converting")
+    gate_floor: float = option(DEFAULT["gate_floor"], "smallest gate share when converting (0: the gate can close "
+                               "fully); below --gate-init")
+    input_injection: bool = option(DEFAULT["input_injection"], "when converting: feed the encoder output into every "
+                                   "loop from loop 2 on (zero-initialised)")
     freeze: tuple[str, ...] = option(DEFAULT["freeze"], f"comma list of frozen parts ({', '.join(FREEZABLE)}) or "
                                      "none; the frozen_base recipe freezes embeddings,encoder,reasoning,decoder,head",
                                      parse=parse_strings)
@@ -116,6 +120,7 @@ def build_model(
             check_split(model.config.num_hidden_layers, encoder_layers, decoder_layers)
     elif not given_looped:
         model = convert(model, encoder_layers, decoder_layers, gate_rank=cfg.gate_rank, gate_init=cfg.gate_init,
+                        gate_floor=cfg.gate_floor, input_injection=cfg.input_injection,
                         depth_lora_rank=rank, depth_lora_alpha=cfg.depth_lora_alpha, depth_lora_count=count)
     elif rank > 0 and model.config.depth_lora_rank == 0:
         model.add_depth_adapters(rank, cfg.depth_lora_alpha, count)

@@ -2,8 +2,9 @@
 
 Per batch (DESIGN.md section 1, item 3):
 
-1. sample a horizon T ~ U{horizon_min..horizon_max} and a set S of |S| supervised steps in 1..T
-   (|S| ~ U{supervised_min..supervised_max}, capped at T; T itself is always in S by default);
+1. sample a horizon T ~ U{horizon_min..horizon_max} (or, with `horizon_dist="poisson_lognormal"`, from a
+   wide draw whose mean ramps up over the run, see `draw_horizon`) and a set S of |S| supervised steps
+   in 1..T (|S| ~ U{supervised_min..supervised_max}, capped at T; T itself is always in S by default);
 2. run the encoder once and the reasoning block T times; loop steps outside every gradient window
    run under `torch.no_grad()`;
 3. before each supervised step t the incoming state is detached and the k = `grad_steps` steps
@@ -54,6 +55,7 @@ once, in the forward and (recomputed) in the backward.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,10 +65,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..looped import LoopedModel, looped_view
 from ..text import IGNORE_INDEX
-from .options import Section, need_at_least, option
+from .options import Section, need_at_least, option, parse_floats
 from .recipes import DEFAULT
 
 CE_CHUNK = 256  # positions per cross-entropy chunk: caps the live logits
+HORIZON_DISTS = ("uniform", "poisson_lognormal")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,13 @@ class RDSConfig(Section):
     conf_margin: float = option(DEFAULT["conf_margin"], "nats an early exit may cost and still count as safe")
     kl_base: float = option(DEFAULT["kl_base"], "weight of KL(base model || loop 1) (needs --supervise-first true)")
     ce_chunk: int = option(CE_CHUNK, "positions per cross-entropy chunk (caps live logits)")
+    horizon_dist: str = option(DEFAULT["horizon_dist"], "how T is drawn: uniform on [horizon_min, horizon_max], "
+                               "or poisson_lognormal around a mean that ramps up over the run",
+                               choices=HORIZON_DISTS)
+    horizon_mean: float = option(DEFAULT["horizon_mean"], "poisson_lognormal: the mean of T once the ramp is over")
+    horizon_ramp: tuple[float, float] = option(DEFAULT["horizon_ramp"], "poisson_lognormal: the fractions of the "
+                                               "run between which the mean of T rises from horizon_min to "
+                                               "horizon_mean", parse=parse_floats)
 
     def check(self) -> None:
         if not 1 <= self.horizon_min <= self.horizon_max:
@@ -98,6 +108,15 @@ class RDSConfig(Section):
         need_at_least(self, ("grad_steps", "ce_chunk"), 1)
         if self.kl_base < 0:
             raise ValueError(f"kl_base must be >= 0, got {self.kl_base}")
+        if self.horizon_dist not in HORIZON_DISTS:
+            raise ValueError(f"horizon_dist must be one of {HORIZON_DISTS}, got {self.horizon_dist!r}")
+        if self.horizon_dist == "poisson_lognormal":
+            if not self.horizon_min <= self.horizon_mean <= self.horizon_max:
+                raise ValueError(f"need horizon_min <= horizon_mean <= horizon_max, got {self.horizon_min}, "
+                                 f"{self.horizon_mean}, {self.horizon_max}")
+            if len(self.horizon_ramp) != 2 or not 0.0 <= self.horizon_ramp[0] <= self.horizon_ramp[1] <= 1.0:
+                raise ValueError(f"horizon_ramp must be two fractions START,END with 0 <= START <= END <= 1, got "
+                                 f"{','.join(str(x) for x in self.horizon_ramp)}")
         if self.kl_base > 0 and not self.supervise_first:
             raise ValueError("--kl-base is a loop-1 term: it needs --mode loopus and --supervise-first true")
 
@@ -137,14 +156,41 @@ class RDSPlan:
         return mask[1:]
 
 
-def sample_plan(generator: torch.Generator, cfg: RDSConfig = RDSConfig()) -> RDSPlan:
-    """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume).
+LOGNORMAL_SIGMA = 0.5  # spread of the log-rate in the Poisson-lognormal draw (McLeish et al. 2025)
+
+
+def horizon_mean_at(cfg: RDSConfig, progress: float) -> float:
+    """The mean of the horizon draw at `progress` (0..1) through the run: horizon_min before the ramp,
+    horizon_mean after it, linear in between."""
+    start, end = cfg.horizon_ramp
+    share = 1.0 if progress >= end else 0.0 if progress <= start else (progress - start) / (end - start)
+    return cfg.horizon_min + share * (cfg.horizon_mean - cfg.horizon_min)
+
+
+def draw_horizon(generator: torch.Generator, cfg: RDSConfig, progress: float = 1.0) -> int:
+    """T for one batch. `uniform`: U{horizon_min..horizon_max}. `poisson_lognormal` (McLeish et al. 2025):
+    T = horizon_min + Poisson(exp(tau)), tau ~ N(log r - sigma^2 / 2, sigma), r = mean - horizon_min, clipped to
+    horizon_max: a heavy right tail, so that the loop is often run far deeper than the mean, and a mean
+    that ramps up over the run, so that the model meets deep loops once the shallow ones work."""
+    if cfg.horizon_dist == "uniform":
+        return int(torch.randint(cfg.horizon_min, cfg.horizon_max + 1, (1,), generator=generator))
+    rate = horizon_mean_at(cfg, progress) - cfg.horizon_min
+    if rate <= 0:
+        return cfg.horizon_min
+    tau = torch.normal(torch.tensor([math.log(rate) - LOGNORMAL_SIGMA**2 / 2]), LOGNORMAL_SIGMA, generator=generator)
+    extra = int(torch.poisson(tau.exp(), generator=generator))
+    return min(cfg.horizon_min + extra, cfg.horizon_max)
+
+
+def sample_plan(generator: torch.Generator, cfg: RDSConfig = RDSConfig(), progress: float = 1.0) -> RDSPlan:
+    """Draw T and S from `generator` (a dedicated generator makes the draw reproducible on resume);
+    `progress` (the share of the run done) sets the mean of a ramped horizon draw.
 
     `supervise_last` / `supervise_first` put step T / step 1 in S every time; the rest of S is drawn
     from the other steps. Supervising loop 1 every batch keeps the one-loop model (the base model at
     initialisation) trained on every batch, instead of only when the draw happens to reach it.
     """
-    horizon = int(torch.randint(cfg.horizon_min, cfg.horizon_max + 1, (1,), generator=generator))
+    horizon = draw_horizon(generator, cfg, progress)
     count = int(torch.randint(cfg.supervised_min, cfg.supervised_max + 1, (1,), generator=generator))
     count = min(count, horizon)
     fixed = {horizon} if cfg.supervise_last else set()
@@ -271,6 +317,10 @@ def rds_step(
             embeds = model.embed(input_ids)
             ctx = model.layer_context(embeds, None, None, None)
             state = model.encode(embeds, ctx)
+            if getattr(ctx, "anchor", None) is not None:
+                # the input injection reads h_0 without gradient: each supervised step's backward frees the
+                # encoder's graph, so the encoder learns through loop 1's path only
+                ctx.anchor = ctx.anchor.detach()
         # pass by pass through `loop_step`, not `run_loop`: each pass sets its own grad mode and detach point
         for t in range(1, plan.horizon + 1):
             if t in starts and not (t == 1 and front_trainable):

@@ -26,7 +26,7 @@ class OptimConfig(Section):
     """AdamW and its schedule, all counted in optimiser steps."""
 
     lr: float = option(DEFAULT["lr"], "peak learning rate")
-    new_module_lr_mult: float = option(DEFAULT["new_module_lr_mult"], "lr multiplier for the new gate and "
+    new_module_lr_mult: float = option(DEFAULT["new_module_lr_mult"], "lr multiplier for the new gate, input injection and "
                                        "confidence head")
     adapter_lr_mult: float = option(DEFAULT["adapter_lr_mult"], "lr multiplier for the depth-wise adapters")
     min_lr_ratio: float = option(DEFAULT["min_lr_ratio"], "final lr / peak lr")
@@ -62,9 +62,9 @@ class OptimConfig(Section):
 
 
 def is_new_module(name: str) -> bool:
-    """Parameters LoopUS adds to the base model (selective gate, confidence head)."""
+    """Parameters LoopUS adds to the base model (selective gate, input injection, confidence head)."""
     parts = name.split(".")
-    return "confidence_head" in parts or "gate" in parts
+    return "confidence_head" in parts or "gate" in parts or "injection" in parts
 
 
 def is_depth_adapter(name: str) -> bool:

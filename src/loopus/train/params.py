@@ -1,8 +1,10 @@
 """What trains: named parameter groups, freezing, LoRA adapters (PEFT) and gradient checkpointing.
 
 Groups of a LoopUS model: `embeddings` (token embeddings), `encoder` (layers [0, e)), `reasoning`
-(layers [e, d)), `adapters` (the depth-wise LoRA adapters of the reasoning block, if any), `gate`, `decoder` (layers [d, L) and the final norm), `head` (lm_head), `confidence`
-(the confidence head). A dense (unlooped) model has the same groups without gate and confidence; its
+(layers [e, d)), `adapters` (the depth-wise LoRA adapters of the reasoning block, if any), `gate`,
+`injection` (the input injection, if any), `decoder` (layers [d, L) and the final norm), `head` (lm_head),
+`confidence` (the confidence head). A dense (unlooped) model has the same groups without gate,
+injection and confidence; its
 `encoder` is its first e layers when a split is given, so both modes can train the same weights.
 A tied lm_head is the embedding matrix: it trains only if neither `embeddings` nor `head` is frozen.
 """
@@ -61,6 +63,7 @@ def parameter_groups(model: nn.Module, encoder_layers: int = 0, decoder_layers: 
     mark(base.get_output_embeddings(), "head")
     if looped:
         mark(model.gate, "gate")
+        mark(model.injection, "injection")
         mark(model.confidence_head, "confidence")
     groups = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -100,7 +103,7 @@ def apply_lora(model: nn.Module, frozen: set[str], rank: int, alpha: float, drop
                encoder_layers: int = 0, decoder_layers: int = 0):
     """Wrap `model` with PEFT LoRA on the linear layers of the trainable transformer groups.
 
-    Gate and confidence head (small, new) keep training in full unless frozen. Returns the PEFT model;
+    Gate, injection and confidence head (small, new) keep training in full unless frozen. Returns the PEFT model;
     the original module tree (with LoRA layers injected) is `peft_model.base_model.model`.
     """
     from peft import LoraConfig, get_peft_model
@@ -119,7 +122,7 @@ def apply_lora(model: nn.Module, frozen: set[str], rank: int, alpha: float, drop
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.base_model.model.named_parameters():
         group = groups.get(name)
-        if group in ("gate", "confidence") and group not in frozen:
+        if group in ("gate", "injection", "confidence") and group not in frozen:
             p.requires_grad_(True)
     return peft_model
 

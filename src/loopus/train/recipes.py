@@ -11,6 +11,13 @@ from another, and flags then override single options. Measurements behind each: 
 - `FROZEN_BASE`  `DEFAULT` with every base weight frozen: only the depth adapters, gate and confidence
                  head train, so one loop stays exactly the base model.
 - `PAPER`        the original method's recipe: gate at 0.5, T ~ U{2..8}, |S| = 2, new modules at the base lr.
+- `ITERATE`      built for iteration (reasoning SFT): the encoder output re-injected into every loop, T drawn
+                 wide (Poisson-lognormal, mean ramped from 1 to 6 over the middle half of the run, up to 16),
+                 loops 1 and T supervised with backpropagation through the last 4 loops only, a gate that
+                 cannot close below 0.01, and the new modules at 100x the base lr. The confidence head
+                 trains on detached states in every recipe, so its loss cannot pull the loop shut.
+                 Pair it with a small looped block (e.g. `--encoder-layers 7 --decoder-layers 8` on Gemma 3
+                 270M: three plateau layers, see `loopus analyze`).
 - `DENSE`        the unlooped base on the same tokens, with the optimiser settings of `DEFAULT`.
 """
 
@@ -36,6 +43,8 @@ DEFAULT: Mapping[str, Any] = MappingProxyType({
     "depth_lora_count": MODEL_DEFAULTS.depth_lora_count,
     "gate_rank": MODEL_DEFAULTS.gate_rank,
     "gate_init": MODEL_DEFAULTS.gate_init,
+    "gate_floor": MODEL_DEFAULTS.gate_floor,
+    "input_injection": MODEL_DEFAULTS.input_injection,
     # optimiser and schedule
     "lr": 7e-6,
     "new_module_lr_mult": 1000.0,    # a near-closed gate barely moves at the base weights' lr
@@ -49,6 +58,9 @@ DEFAULT: Mapping[str, Any] = MappingProxyType({
     # random deep supervision
     "horizon_min": 2,
     "horizon_max": 4,
+    "horizon_dist": "uniform",
+    "horizon_mean": 3.0,             # used by the poisson_lognormal draw only
+    "horizon_ramp": (0.25, 0.75),
     "supervised_min": 2,
     "supervised_max": 2,
     "grad_steps": 1,
@@ -69,10 +81,15 @@ PAPER: Mapping[str, Any] = MappingProxyType({
     "new_module_lr_mult": 1.0, "lr": 2e-5,
 })
 
+ITERATE: Mapping[str, Any] = MappingProxyType({
+    **DEFAULT, "input_injection": True, "gate_floor": 0.01, "horizon_dist": "poisson_lognormal",
+    "horizon_min": 1, "horizon_mean": 6.0, "horizon_max": 16, "grad_steps": 4, "new_module_lr_mult": 100.0,
+})
+
 DENSE: Mapping[str, Any] = MappingProxyType({**DEFAULT, "mode": "dense", "depth_lora_rank": 0})
 
 RECIPES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {"default": DEFAULT, "frozen_base": FROZEN_BASE, "paper": PAPER, "dense": DENSE})
+    {"default": DEFAULT, "frozen_base": FROZEN_BASE, "paper": PAPER, "iterate": ITERATE, "dense": DENSE})
 
 
 def recipe(name: str) -> dict[str, Any]:

@@ -294,7 +294,8 @@ class Trainer:
             index = self.step * grad_accum + micro
             inputs, labels = self.data.batch(index, cfg.dataset.batch_size, self.rank, self.world)
             inputs, labels = inputs.to(acc.device), labels.to(acc.device)
-            plan = sample_plan(torch.Generator().manual_seed(cfg.dataset.seed * 7919 + index), cfg.rds)
+            plan = sample_plan(torch.Generator().manual_seed(cfg.dataset.seed * 7919 + index), cfg.rds,
+                               progress=self.step / self.total_steps)
             metrics = rds_step(self.core, inputs, labels, plan, cfg.rds, loss_scale=1.0 / grad_accum,
                                backward=acc.backward, autocast=acc.autocast, reference=self.reference)
             for key, value in metrics.items():
