@@ -201,3 +201,16 @@ def test_injection_with_a_trainable_encoder_trains_it_through_loop_one(tmp_path,
     Trainer(iterate_config(tmp_path / "e", corpus, freeze=["embeddings"], max_steps=3, horizon_ramp=(0.0, 0.0)),
             model=model, tokenizer=char_tokenizer()).train()
     assert not torch.equal(model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_loopus_convert_takes_the_iteration_options(tmp_path):
+    from loopus.cli import main as cli_main
+
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    assert cli_main(["convert", str(tmp_path / "base"), "--encoder-layers", "1", "--decoder-layers", "1",
+                     "--input-injection", "--gate-floor", "0.01", "--out", str(tmp_path / "looped")]) == 0
+    model = loopus.LoopUSForCausalLM.from_pretrained(tmp_path / "looped")
+    assert model.config.input_injection and model.config.gate_floor == 0.01 and model.injection is not None
+    assert cli_main(["convert", str(tmp_path / "base"), "--encoder-layers", "1", "--decoder-layers", "1",
+                     "--gate-floor", "0.5", "--out", str(tmp_path / "bad")]) != 0

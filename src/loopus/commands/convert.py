@@ -119,6 +119,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-rank", type=int, default=defaults.gate_rank, help="bottleneck width of the selective gate")
     p.add_argument("--gate-init", type=float, default=defaults.gate_init,
                    help="gate share at init; %(default)s keeps every loop count near the base model (0.5: the paper's)")
+    p.add_argument("--gate-floor", type=float, default=defaults.gate_floor,
+                   help="smallest gate share, below --gate-init (default %(default)s: the gate can close fully)")
+    p.add_argument("--input-injection", action="store_true",
+                   help="feed the encoder output into every loop from loop 2 on (zero-initialised linear map)")
     p.add_argument("--kv-mode", choices=KV_MODES, default=defaults.kv_mode, help="KV cache layout stored in the config")
     p.add_argument("--depth-lora-rank", type=int, default=defaults.depth_lora_rank,
                    help="rank of depth-wise LoRA adapters active from loop 2 on (0: none)")
@@ -147,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                            constraints=constraints_from(args))
     base, tokenizer = load_base(args.base)
     model = convert_auto(base, split, tokenizer, **calibration, num_loops=args.num_loops,
-                         gate_rank=args.gate_rank, gate_init=args.gate_init, kv_mode=args.kv_mode,
+                         gate_rank=args.gate_rank, gate_init=args.gate_init, gate_floor=args.gate_floor,
+                         input_injection=args.input_injection, kv_mode=args.kv_mode,
                          depth_lora_rank=args.depth_lora_rank, depth_lora_alpha=args.depth_lora_alpha,
                          depth_lora_count=args.depth_lora_count)
     model.save_pretrained(args.out)
