@@ -5,13 +5,16 @@ at the budget equals the fixed budget), and bench/reasoning.py end to end on a t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from eval_fixtures import gemma_tokenizer
+from eval_fixtures import gemma_tokenizer, make_tiny_checkpoints
 from conftest import tiny_base
 
 import loopus
@@ -21,6 +24,7 @@ from loopus.train.sft import sequence_start
 
 torch.set_num_threads(1)
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 DIGITS = tuple(f" {d}" for d in range(10))
 TRUTH = (" True", " False")
 
@@ -151,3 +155,132 @@ def test_exit_that_never_fires_is_the_fixed_budget_and_one_that_always_fires_tak
     assert all(r["exit"]["convergence=1e+09"]["loop_passes"] == 1 for r in records)
     with pytest.raises(ValueError, match="unknown exit_strategy"):
         parse_exit_rules(["sometimes"], 4)
+
+
+# -- bench/reasoning.py end to end -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import reasoning
+    finally:
+        sys.path.remove(str(BENCH))
+    return reasoning
+
+
+def test_study_trains_scores_and_reports_every_arm_on_the_same_items(bench, data_dir, tmp_path, monkeypatch, capsys):
+    base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
+    out = tmp_path / "study"
+    monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None), "dense": bench.Arm("dense"),
+                                        "default": bench.Arm("default", ("--lr", "1e-4"))})
+    first = ["--out", str(out), "--data", str(data_dir), "--model", str(base_dir), "--split", "2,1", "--steps", "2",
+             "--batch-size", "2", "--eval-every", "1", "--valid-examples", "3", "--save-every", "1"]
+    assert bench.main([*first, "train", "dense"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["steps"] == 2 and study["train_depths"] == [1, 2, 3] and study["test_depths"] == [1, 2, 3, 4, 5]
+    flat = ["--out", str(out), "--data", str(data_dir)]
+    assert bench.main([*flat, "train", "default"]) == 0
+    rows = _rows(out / "data" / "sft" / "prontoqa_ladder" / "train.jsonl")
+    assert {r["depth"] for r in rows} == {1, 2, 3}
+    capsys.readouterr()
+    assert bench.main([*flat, "train", "dense"]) == 0
+    assert "dense: trained already" in capsys.readouterr().out
+    # every arm trained with the study's settings, then its own flags
+    logged = {arm: json.loads((out / arm / "model" / "train_config.json").read_text()) for arm in ("dense", "default")}
+    shared = {arm: (c["dataset"]["corpus"], c["dataset"]["seq_len"], c["dataset"]["batch_size"], c["dataset"]["seed"],
+                    c["max_steps"], c["build"]["encoder_layers"], c["build"]["decoder_layers"]) for arm, c in logged.items()}
+    assert shared["dense"] == shared["default"] and shared["dense"][1:] == (224, 2, 0, 2, 2, 1)
+    assert logged["dense"]["optim"]["lr"] == 5e-5 and logged["default"]["optim"]["lr"] == 1e-4  # the arm's own lr
+    assert logged["dense"]["build"]["mode"] == "dense" and logged["default"]["build"]["mode"] == "loopus"
+    for name in ("base", "dense", "default"):
+        assert bench.main([*flat, "score", name, "--limit", "2", "--loops", "1,2,4",
+                           "--exit-rules", "threshold=1,convergence=1e9", "--items-per-batch", "3"]) == 0
+    scores = {n: json.loads((out / n / "scores.json").read_text()) for n in ("base", "dense", "default")}
+    ids = [r["id"] for r in scores["default"]["items"]]
+    assert len(ids) == 10 and ids == [r["id"] for r in scores["dense"]["items"]]  # 2 per hop count, paired
+    assert sorted({r["depth"] for r in scores["base"]["items"]}) == [1, 2, 3, 4, 5]
+    assert scores["dense"]["loops"] == [1] and scores["dense"]["exit_rules"] == []  # a plain model: one depth
+    assert scores["default"]["loops"] == [1, 2, 4] and scores["default"]["exit_rules"] == ["threshold=1",
+                                                                                          "convergence=1e+09"]
+    assert {r["exit"]["threshold=1"]["loop_passes"] for r in scores["default"]["items"]} == {4}
+    assert {r["exit"]["convergence=1e+09"]["loop_passes"] for r in scores["default"]["items"]} == {1}
+    assert not list(out.glob("*/scores.partial.jsonl"))
+    assert bench.main([*flat, "report"]) == 0
+    for name in ("report.md", "report.json", "accuracy_vs_depth.png", "scaling.png", "exit_passes.png",
+                 "learning_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["groups"]) == {"in_distribution", "extrapolation"}
+    first_item = scores["default"]["items"][0]
+    assert report["accuracy"]["default"]["1"]["1"][2] == 2  # n items at depth 1
+    diff = report["paired_vs_dense"]["default"]["1"]["in_distribution"]
+    own = [r["fixed"]["1"]["correct"] - d["fixed"]["1"]["correct"]
+           for r, d in zip(scores["default"]["items"], scores["dense"]["items"]) if r["depth"] <= 3]
+    assert diff[0] == pytest.approx(sum(own) / len(own)) and diff[2] == 6
+    assert report["exit"]["default"]["threshold=1"]["passes_saved"] == 0.0
+    assert report["exit"]["default"]["convergence=1e+09"]["passes_saved"] == pytest.approx(0.75)
+    assert [p[0] for p in report["learning_curves"]["dense"]["1"]] == [0, 1, 2]  # validation every step
+    assert report["summary"]["default"]["best_loops"] in ("1", "2", "4")
+    assert report["summary"]["default"]["vs_dense_at_best"][2] == 4  # the extrapolation items, paired
+    md = (out / "report.md").read_text()
+    assert "## Summary" in md
+    assert "## default" in md and "| threshold=1 |" in md and "Paired difference against dense" in md
+    assert first_item["id"] == "1hop/" + json.loads((data_dir / "prontoqa" / "1hop_test.jsonl").open().readline())["id"]
+
+
+def test_scoring_resumes_from_its_partial_file_and_refuses_other_settings(bench, data_dir, tmp_path, monkeypatch):
+    base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
+    monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None, model=str(base_dir))})
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--data", str(data_dir), "score", "base", "--limit", "1"]
+    assert bench.main(args) == 0
+    scores = json.loads((out / "base" / "scores.json").read_text())
+    settings = {k: scores[k] for k in ("loops", "exit_rules", "budget", "limit")} | {"items": 5}
+    kept = {**scores["items"][2], "fixed": {"1": {"loglik": [0.0, -1.0], "correct": True}}}
+    (out / "base" / "scores.partial.jsonl").write_text(json.dumps(settings) + "\n" + json.dumps(kept) + "\n")
+    assert bench.main(args) == 0
+    again = json.loads((out / "base" / "scores.json").read_text())["items"]
+    assert again[2] == kept and again[:2] + again[3:] == scores["items"][:2] + scores["items"][3:]
+    (out / "base" / "scores.partial.jsonl").write_text(json.dumps({**settings, "limit": 7}) + "\n")
+    with pytest.raises(SystemExit, match="was scored with other settings"):
+        bench.main(args)
+
+
+def test_study_refuses_changed_settings_missing_models_and_unknown_arms(bench, data_dir, tmp_path):
+    out = tmp_path / "study"
+    (out).mkdir()
+    (out / "study.json").write_text(json.dumps(dataclasses.asdict(bench.Study(train_depths=(1, 2, 3),
+                                                                                test_depths=(1, 2)))))
+    with pytest.raises(SystemExit, match=r"--steps 5 \(study: 300\)"):
+        bench.main(["--out", str(out), "--steps", "5", "train", "dense"])
+    with pytest.raises(SystemExit, match="run `train dense` first"):
+        bench.main(["--out", str(out), "--data", str(data_dir), "score", "dense"])
+    with pytest.raises(SystemExit, match="unknown arm 'nope'"):
+        bench.main(["--out", str(out), "train", "nope"])
+    with pytest.raises(SystemExit, match="study.json not found"):
+        bench.main(["--out", str(tmp_path / "empty"), "report"])
+    argv = bench.train_argv(bench.Study(), out, "dense", bench.Arm("dense", ("--lr", "1")), str(data_dir))
+    assert "--resume" not in argv and argv[-2:] == ["--lr", "1"] and argv.index("--lr") < len(argv) - 2
+    (out / "dense" / "model").mkdir(parents=True)
+    assert "--resume" in bench.train_argv(bench.Study(), out, "dense", bench.Arm("dense"), None)
+    (out / "dense" / "model" / "metrics.json").write_text("{}")
+    assert bench.train_argv(bench.Study(), out, "dense", bench.Arm("dense"), None) is None
+
+
+def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path, monkeypatch):
+    base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
+    monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None)})
+    out = tmp_path / "study"
+    assert bench.main(["--out", str(out), "--task", "depthchain", "--train-depths", "1-2", "--test-depths", "1-5",
+                       "--train-size", "4", "--test-size", "3", "--model", str(base_dir),
+                       "score", "base", "--limit", "2"]) == 0
+    items = json.loads((out / "base" / "scores.json").read_text())["items"]
+    tests = {r["id"]: r for r in _rows(out / "data" / "depthchain" / "test.jsonl")}
+    assert [r["depth"] for r in items] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    for r in items:
+        assert r["gold"] == int(tests[r["id"]]["answer"]) and len(r["fixed"]["1"]["loglik"]) == 10
+    assert bench.main(["--out", str(out), "report"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["groups"] == {"in_distribution": [1, 2], "extrapolation": [3, 4], "beyond": [5]}
+    assert (out / "accuracy_vs_depth.png").is_file() and not (out / "exit_passes.png").exists()
