@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loopus.cli import main as loopus_main
 from loopus.commands.make_task import depth_range
 from loopus.options import DEFAULT_THRESHOLDS, EXIT_STRATEGIES
@@ -224,7 +226,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def load_model(path: str):
     """(model, tokenizer) of a checkpoint directory (LoopUS or plain) or an embedded base name."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import loopus  # noqa: F401  (registers the LoopUS classes with the Auto classes)
@@ -249,12 +250,15 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     study, out, arm = study_settings(args), Path(args.out), arm_named(args.arm)
     items = test_items(study, out, args.data, args.limit)
+    exit_limit = args.limit if args.exit_limit is None else min(args.exit_limit, args.limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(scored_model(study, out, args.arm, arm))
     looped = is_looped(model)
     loops = sorted(set(args.loops)) if looped else [1]
     rules = parse_exit_rules(args.exit_rules, max(loops)) if looped else []
     settings = {"loops": loops, "exit_rules": [exit_label(r) for r in rules], "budget": max(loops),
-                "limit": args.limit, "items": len(items)}
+                "limit": args.limit, "exit_limit": exit_limit if rules else 0, "items": len(items)}
     folder = out / args.arm
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "scores.partial.jsonl"
@@ -266,13 +270,21 @@ def cmd_score(args: argparse.Namespace) -> None:
         done = {r["id"]: r for r in map(json.loads, lines[1:]) if r}
     else:
         partial.write_text(json.dumps(settings) + "\n")
+    rank: dict[int, int] = {}
+    with_exit = set()  # the first exit_limit items of each depth
+    for item in items:
+        rank[item.depth] = rank.get(item.depth, 0) + 1
+        if rank[item.depth] <= exit_limit:
+            with_exit.add(item.id)
     todo = [item for item in items if item.id not in done]
     with partial.open("a") as f:
-        for record in score_items(model, tokenizer, todo, loops, rules, batch_size=args.items_per_batch,
-                                  desc=f"score[{args.arm}]"):
-            done[record["id"]] = record
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        for exits in (True, False):
+            part = [item for item in todo if (item.id in with_exit) == exits]
+            for record in score_items(model, tokenizer, part, loops, rules if exits else (),
+                                      batch_size=args.items_per_batch, desc=f"score[{args.arm}]"):
+                done[record["id"]] = record
+                f.write(json.dumps(record) + "\n")
+                f.flush()
     result = {"arm": args.arm, "model": scored_model(study, out, args.arm, arm), "looped": looped, **settings,
               "items": [done[item.id] for item in items]}
     (folder / "scores.json").write_text(json.dumps(result) + "\n")
@@ -316,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=list(EXIT_STRATEGIES),
                        help="adaptive exit rules at the largest loop count: STRATEGY[=THRESHOLD],... or none "
                             f"(default: each at its default threshold, {DEFAULT_THRESHOLDS})")
+    score.add_argument("--exit-limit", type=int, default=None,
+                       help="score the exit rules on the first N items per depth only (default: all; each costs "
+                            "one more forward at the largest loop count)")
+    score.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     score.add_argument("--items-per-batch", type=int, default=8, help="items per forward (fixed loop counts)")
     score.set_defaults(handler=cmd_score)
     report = sub.add_parser("report", help="tables and figures of every scored arm")

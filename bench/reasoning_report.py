@@ -70,10 +70,11 @@ class ArmScores:
         return self.fixed + self.exits
 
     def outcome(self, label: str) -> dict[str, tuple[int, float, int | None]]:
-        """{item id: (depth, 1.0 if correct else 0.0, loop passes or None)} under `label`."""
+        """{item id: (depth, 1.0 if correct else 0.0, loop passes or None)} under `label`, over the items
+        scored under it (exit rules may cover the first items of each depth only)."""
         kind = "fixed" if label in self.fixed else "exit"
         return {r["id"]: (r["depth"], float(r[kind][label]["correct"]), r[kind][label].get("loop_passes"))
-                for r in self.items}
+                for r in self.items if label in r[kind]}
 
 
 def depth_groups(depths: Iterable[int], trained: int) -> dict[str, list[int]]:

@@ -193,8 +193,8 @@ def test_study_trains_scores_and_reports_every_arm_on_the_same_items(bench, data
     assert shared["dense"] == shared["default"] and shared["dense"][1:] == (224, 2, 0, 2, 2, 1)
     assert logged["dense"]["optim"]["lr"] == 5e-5 and logged["default"]["optim"]["lr"] == 1e-4  # the arm's own lr
     assert logged["dense"]["build"]["mode"] == "dense" and logged["default"]["build"]["mode"] == "loopus"
-    for name in ("base", "dense", "default"):
-        assert bench.main([*flat, "score", name, "--limit", "2", "--loops", "1,2,4",
+    for name in ("base", "dense", "default"):  # the exit rules on the first item of each depth only
+        assert bench.main([*flat, "score", name, "--limit", "2", "--loops", "1,2,4", "--exit-limit", "1",
                            "--exit-rules", "threshold=1,convergence=1e9", "--items-per-batch", "3"]) == 0
     scores = {n: json.loads((out / n / "scores.json").read_text()) for n in ("base", "dense", "default")}
     ids = [r["id"] for r in scores["default"]["items"]]
@@ -203,8 +203,10 @@ def test_study_trains_scores_and_reports_every_arm_on_the_same_items(bench, data
     assert scores["dense"]["loops"] == [1] and scores["dense"]["exit_rules"] == []  # a plain model: one depth
     assert scores["default"]["loops"] == [1, 2, 4] and scores["default"]["exit_rules"] == ["threshold=1",
                                                                                           "convergence=1e+09"]
-    assert {r["exit"]["threshold=1"]["loop_passes"] for r in scores["default"]["items"]} == {4}
-    assert {r["exit"]["convergence=1e+09"]["loop_passes"] for r in scores["default"]["items"]} == {1}
+    exited = [r for r in scores["default"]["items"] if r["exit"]]
+    assert [r["id"] for r in exited] == ids[::2] and not scores["dense"]["items"][0]["exit"]
+    assert {r["exit"]["threshold=1"]["loop_passes"] for r in exited} == {4}
+    assert {r["exit"]["convergence=1e+09"]["loop_passes"] for r in exited} == {1}
     assert not list(out.glob("*/scores.partial.jsonl"))
     assert bench.main([*flat, "report"]) == 0
     for name in ("report.md", "report.json", "accuracy_vs_depth.png", "scaling.png", "exit_passes.png",
@@ -220,6 +222,7 @@ def test_study_trains_scores_and_reports_every_arm_on_the_same_items(bench, data
     assert diff[0] == pytest.approx(sum(own) / len(own)) and diff[2] == 6
     assert report["exit"]["default"]["threshold=1"]["passes_saved"] == 0.0
     assert report["exit"]["default"]["convergence=1e+09"]["passes_saved"] == pytest.approx(0.75)
+    assert report["exit"]["default"]["threshold=1"]["vs_fixed_budget"] == [0.0, 0.0, 5]  # never fires: the budget
     assert [p[0] for p in report["learning_curves"]["dense"]["1"]] == [0, 1, 2]  # validation every step
     assert report["summary"]["default"]["best_loops"] in ("1", "2", "4")
     assert report["summary"]["default"]["vs_dense_at_best"][2] == 4  # the extrapolation items, paired
@@ -236,7 +239,7 @@ def test_scoring_resumes_from_its_partial_file_and_refuses_other_settings(bench,
     args = ["--out", str(out), "--data", str(data_dir), "score", "base", "--limit", "1"]
     assert bench.main(args) == 0
     scores = json.loads((out / "base" / "scores.json").read_text())
-    settings = {k: scores[k] for k in ("loops", "exit_rules", "budget", "limit")} | {"items": 5}
+    settings = {k: scores[k] for k in ("loops", "exit_rules", "budget", "limit", "exit_limit")} | {"items": 5}
     kept = {**scores["items"][2], "fixed": {"1": {"loglik": [0.0, -1.0], "correct": True}}}
     (out / "base" / "scores.partial.jsonl").write_text(json.dumps(settings) + "\n" + json.dumps(kept) + "\n")
     assert bench.main(args) == 0
