@@ -301,26 +301,36 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="the study's folder (OUT/study.json fixes its settings)")
-    p.add_argument("--data", default=None, help="data directory (default: $LOOPUS_DATA)")
+def add_shared_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """--out, --data and the study settings; accepted before or after the sub-command (`suppress`: on a
+    sub-command's parser, where an option left out must not reset what was given before it)."""
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--out", default=default,
+                   help="the study's folder (OUT/study.json fixes its settings)")
+    p.add_argument("--data", default=default, help="data directory (default: $LOOPUS_DATA)")
     study = p.add_argument_group("study settings (first command only; stored in OUT/study.json)")
-    study.add_argument("--task", choices=sorted(TASK_DEPTHS))
-    study.add_argument("--train-depths", type=lambda t: tuple(depth_range(t)))
-    study.add_argument("--test-depths", type=lambda t: tuple(depth_range(t)))
-    study.add_argument("--model", help="base model of every arm (default gemma-3-270m)")
-    study.add_argument("--split", type=parse_ints, help="encoder,decoder layers (default 6,3)")
+    study.add_argument("--task", choices=sorted(TASK_DEPTHS), default=default)
+    study.add_argument("--train-depths", type=lambda t: tuple(depth_range(t)), default=default)
+    study.add_argument("--test-depths", type=lambda t: tuple(depth_range(t)), default=default)
+    study.add_argument("--model", default=default, help="base model of every arm (default gemma-3-270m)")
+    study.add_argument("--split", type=parse_ints, default=default, help="encoder,decoder layers (default 6,3)")
     for name in ("steps", "batch_size", "seq_len", "seed", "eval_every", "valid_examples", "save_every",
                  "train_size", "test_size", "distractors"):
-        study.add_argument(f"--{name.replace('_', '-')}", type=int)
-    study.add_argument("--lr", type=float)
-    study.add_argument("--eval-loops", type=parse_ints)
+        study.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    study.add_argument("--lr", type=float, default=default)
+    study.add_argument("--eval-loops", type=parse_ints, default=default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shared_options(p, suppress=False)
+    shared = argparse.ArgumentParser(add_help=False)
+    add_shared_options(shared, suppress=True)
     sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune one arm (skipped when done, resumed when partial)")
+    train = sub.add_parser("train", parents=[shared], help="fine-tune one arm (skipped when done, resumed when partial)")
     train.add_argument("arm")
     train.set_defaults(handler=cmd_train)
-    score = sub.add_parser("score", help="score one arm's final model on the test items")
+    score = sub.add_parser("score", parents=[shared], help="score one arm's final model on the test items")
     score.add_argument("arm")
     score.add_argument("--limit", type=int, default=200, help="test items per depth (the first N)")
     score.add_argument("--loops", type=parse_ints, default=[1, 2, 4, 8, 16], help="loop counts (LoopUS arms)")
@@ -334,13 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     score.add_argument("--items-per-batch", type=int, default=8, help="items per forward (fixed loop counts)")
     score.set_defaults(handler=cmd_score)
-    report = sub.add_parser("report", help="tables and figures of every scored arm")
+    report = sub.add_parser("report", parents=[shared], help="tables and figures of every scored arm")
     report.set_defaults(handler=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error("--out is required (the study's folder)")
     try:
         args.handler(args)
     except (FileNotFoundError, ValueError) as err:

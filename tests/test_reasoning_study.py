@@ -141,18 +141,19 @@ def test_batched_equals_alone_and_one_loop_equals_the_base_model(models, tok):
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
-def test_exit_that_never_fires_is_the_fixed_budget_and_one_that_always_fires_takes_one_pass(models, tok,
+def test_exit_that_never_fires_is_the_fixed_budget_and_one_that_always_fires_stops_at_once(models, tok,
                                                                                            shared_prefix):
     _, looped = models
     items = _items()[:3] + [OptionItem("Is the sky blue?\nAnswer:", (" yes it is", " no"), 0, 1, "multi")]
     # an untrained confidence head says 0.5 everywhere: threshold 1 never fires; convergence 1e9 always does
-    rules = parse_exit_rules(["threshold=1", "convergence=1e9"], 4)
+    rules = parse_exit_rules(["threshold=1", "convergence=1e9", "kl=1e9"], 4)
     records = list(score_items(looped, tok, items, loops=(1, 4), exit_rules=rules, shared_prefix=shared_prefix,
                                progress=False))
     never = {(r["id"], "4"): torch.tensor(r["exit"]["threshold=1"]["loglik"]) for r in records}
     _close(never, {k: v for k, v in _logliks(records).items() if k[1] == "4"}, tol=1e-4)
     assert all(r["exit"]["threshold=1"]["loop_passes"] == 4 for r in records)
     assert all(r["exit"]["convergence=1e+09"]["loop_passes"] == 1 for r in records)
+    assert all(r["exit"]["kl=1e+09"]["loop_passes"] == 2 for r in records)  # kl compares two passes
     with pytest.raises(ValueError, match="unknown exit_strategy"):
         parse_exit_rules(["sometimes"], 4)
 
@@ -275,15 +276,17 @@ def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path,
     base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
     monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None)})
     out = tmp_path / "study"
-    assert bench.main(["--out", str(out), "--task", "depthchain", "--train-depths", "1-2", "--test-depths", "1-5",
-                       "--train-size", "4", "--test-size", "3", "--model", str(base_dir),
-                       "score", "base", "--limit", "2"]) == 0
+    # the study's options may also follow the sub-command
+    assert bench.main(["--out", str(out), "score", "base", "--task", "depthchain", "--train-depths", "1-2",
+                       "--test-depths", "1-5", "--train-size", "4", "--test-size", "3", "--model", str(base_dir),
+                       "--limit", "2"]) == 0
+    assert json.loads((out / "study.json").read_text())["task"] == "depthchain"
     items = json.loads((out / "base" / "scores.json").read_text())["items"]
     tests = {r["id"]: r for r in _rows(out / "data" / "depthchain" / "test.jsonl")}
     assert [r["depth"] for r in items] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     for r in items:
         assert r["gold"] == int(tests[r["id"]]["answer"]) and len(r["fixed"]["1"]["loglik"]) == 10
-    assert bench.main(["--out", str(out), "report"]) == 0
+    assert bench.main(["report", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["groups"] == {"in_distribution": [1, 2], "extrapolation": [3, 4], "beyond": [5]}
     assert (out / "accuracy_vs_depth.png").is_file() and not (out / "exit_passes.png").exists()

@@ -97,7 +97,7 @@ def _hidden_per_loop(model, ids: torch.Tensor, loops: Sequence[int]) -> Iterator
             yield n, hidden
     else:
         with torch.no_grad():
-            yield 1, model.model(input_ids=ids).last_hidden_state
+            yield 1, model.base_model(input_ids=ids).last_hidden_state
 
 
 def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
