@@ -7,13 +7,17 @@ adaptive exit rule (log-likelihood of the answer options, `loopus.eval.options_s
 compare item by item.
 
     python bench/reasoning.py --out runs/pq train dense      # writes the task's data first; resumes a run
-    python bench/reasoning.py --out runs/pq score dense      # OUT/dense/scores.json (resumes a partial one)
+    python bench/reasoning.py --out runs/pq score default --exit-limit 50   # OUT/ARM/scores.json (resumable)
     python bench/reasoning.py --out runs/pq report           # OUT/report.md, report.json and the figures
     python bench/reasoning.py --out runs/dc --task depthchain --train-depths 1-6 --test-depths 1-16 train default
 
 Tasks: `prontoqa` trains on the ladder's 1-3 hops (`loopus make-task prontoqa_ladder`) and tests every hop
 count of the data directory's prontoqa/{h}hop_test.jsonl (options " True" / " False"); `depthchain`
 trains on k <= K and tests generated items at every depth (options " 0" .. " 9").
+
+Scoring a LoopUS arm runs one forward per item to the largest loop count (decoding after each asked
+one), plus, for the exit rules, one more forward at that budget per item: `--exit-limit N` scores the
+rules on the first N items of each depth only. A plain model (dense, base) is scored at its one depth.
 
 OUT layout:
     study.json                     the shared settings (a later command with other settings is refused)
