@@ -4,6 +4,7 @@
     loopus eval RUN/model --data data/ --tasks depthchain_k1,depthchain_k16 --num-loops 1,2,4
     loopus make-task mult_4x4 --out data/ --train-size 80000     # generated, test pairs kept out
     loopus make-task prontoqa --out data/                        # the data directory's train split
+    loopus make-task prontoqa_ladder --out data/ --train-hops 1-3  # 1-3 hops mixed; test on prontoqa_4hop, 5
 
 `depthchain` writes DIR/depthchain/{train,valid,test}.jsonl (with a `depth` field) and settings.json;
 its lm-eval tasks (`depthchain`, `depthchain_k1`..`depthchain_k16`) read them from the data directory.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "write a reasoning task's train/valid(/test) files (depthchain, or SFT data for the shipped tasks)"
-TASKS = ("depthchain", "prontoqa", "gsm8k_nocot", "mult_4x4", "mult_5x5")
+TASKS = ("depthchain", "prontoqa", "prontoqa_ladder", "gsm8k_nocot", "mult_4x4", "mult_5x5")
 
 
 def depth_range(text: str) -> list[int]:
@@ -44,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train items: per depth for depthchain (default 2000), products for mult_* (default 80000)")
     p.add_argument("--train-depths", type=depth_range, default="1-8", help="depthchain: depths of train and valid")
     p.add_argument("--test-depths", type=depth_range, default="1-16", help="depthchain: depths of the test items")
+    p.add_argument("--train-hops", type=depth_range, default="1-3", help="prontoqa_ladder: hop counts of train and "
+                   "valid, shuffled together (the data directory has 1-5)")
     p.add_argument("--valid-size", type=int, default=100, help="depthchain: valid items per depth")
     p.add_argument("--test-size", type=int, default=200, help="depthchain: test items per depth")
     p.add_argument("--distractors", type=int, default=3, help="depthchain: distractor chains per item, as long as "
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from ..tasks.sft import write_sft
 
         files = write_sft(args.out, args.task, args.data, args.seed,
-                          80_000 if args.train_size is None else args.train_size)
+                          80_000 if args.train_size is None else args.train_size, args.train_hops)
     for split, path in files.items():
         with open(path, encoding="utf-8") as f:
             print(f"{split}: {sum(1 for _ in f)} items -> {path}")
