@@ -58,11 +58,16 @@ class Arm:
 
 
 # The arms. Add one by name, recipe and flags; `base` and `dense` are the reference lines of every figure.
+# Every trained arm trains the same base weights (all layers; the embeddings, tied to the head, stay
+# frozen), so that the looped arms differ from dense only in what their recipe adds.
+SAME_WEIGHTS = ("--freeze", "embeddings")
+SMALL_BLOCK = ("--encoder-layers", "7", "--decoder-layers", "8")  # layers 7-9: the CKA plateau's core
 ARMS: dict[str, Arm] = {
     "base": Arm(None),
-    "dense": Arm("dense"),
-    "default": Arm("default"),
-    "iterate": Arm("iterate"),
+    "dense": Arm("dense", SAME_WEIGHTS),
+    "default": Arm("default", SAME_WEIGHTS),
+    "iterate": Arm("iterate", SAME_WEIGHTS + SMALL_BLOCK),
+    "iterate_wide": Arm("iterate", SAME_WEIGHTS),  # the recipe on the 9-layer block of the default split
 }
 REFERENCES = ("base", "dense")
 
