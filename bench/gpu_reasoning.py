@@ -19,8 +19,8 @@ with Triton) instead of the package's checkpointed fp32 chunks; it plugs in thro
 
     LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning            # one GPU, 8 min
     LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning --fused-ce
-    python bench/gpu_reasoning.py --out runs/gpu_smoke --train-minutes 0.2 --batch-size 2 \\
-        --probe-steps 2 --max-steps 2 --limit 4 --loops 1,2 --train-size 64           # CPU check of the script
+    python bench/gpu_reasoning.py --out runs/gpu_smoke --tasks mult_5x5 --train-minutes 0.1 --batch-size 2 \\
+        --probe-steps 2 --max-steps 2 --limit 4 --loops 1,2 --train-size 64   # CPU check, real Gemma: 71 s
 """
 
 from __future__ import annotations
