@@ -17,7 +17,7 @@ GPU's bf16 peak.
 with Triton) instead of the package's checkpointed fp32 chunks; it plugs in through
 `loopus.train.objective.fused_loss`. The package itself never needs it.
 
-    LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning            # one GPU, 8 min
+    LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning     # one GPU: 8 min of training
     LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning --fused-ce
     python bench/gpu_reasoning.py --out runs/gpu_smoke --tasks mult_5x5 --train-minutes 0.1 --batch-size 2 \\
         --probe-steps 2 --max-steps 2 --limit 4 --loops 1,2 --train-size 64   # CPU check, real Gemma: 71 s
