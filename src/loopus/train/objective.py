@@ -174,6 +174,7 @@ _FUSED: list[ChunkLoss] = []
 
 @contextlib.contextmanager
 def fused_loss(fn: ChunkLoss):
+    """Inside the block, `chunked_cross_entropy` (without a reference term) computes its loss with `fn`."""
     _FUSED.append(fn)
     try:
         yield
