@@ -110,6 +110,18 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def median_step_s(trainer, steps: int) -> float:
+    """Median wall time of `steps` calls of `trainer.train_step` after the first (which warms the caches)."""
+    times = []
+    for _ in range(steps):
+        synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] or times)
+
+
 def probe(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int], base, tokenizer, data) -> dict:
     """Tokens/s of the arm's training step at `setting` (the median over the probe's steps after the first)
     and the GPU memory it peaked at; `None` for tokens/s where the setting ran out of GPU memory."""
@@ -118,14 +130,7 @@ def probe(arm: str, out: Path, args: argparse.Namespace, setting: tuple[int, int
         torch.cuda.reset_peak_memory_stats()
     try:
         trainer = short_trainer(arm, out, args, setting, args.probe_steps, base, tokenizer, data)
-        times = []
-        for _ in range(args.probe_steps):
-            synchronize()
-            t0 = time.perf_counter()
-            trainer.train_step()
-            synchronize()
-            times.append(time.perf_counter() - t0)
-        rate = args.seq_len * setting[0] / statistics.median(times[1:] or times)
+        rate = args.seq_len * setting[0] / median_step_s(trainer, args.probe_steps)
     except torch.cuda.OutOfMemoryError:
         rate = None
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,26 @@ from loopus.commands import run as run_cmd
 def tiny_base(tmp_path_factory):
     base_dir, _ = make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_run"))
     return base_dir
+
+
+def drawn_figures(monkeypatch) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Filled as the report's figures are saved: {file name: {panel title: {line label: y data}}}."""
+    import loopus.eval.report as report
+
+    drawn, save = {}, report.save_figure
+
+    def labelled(ax) -> dict[str, list[float]]:
+        # plain lines, and error-bar curves (their label is on the container, the data line is its first)
+        lines = [(line.get_label(), line) for line in ax.get_lines()]
+        lines += [(c.get_label(), c.lines[0]) for c in ax.containers if hasattr(c, "has_yerr")]
+        return {label: [float(y) for y in line.get_ydata()] for label, line in lines if not label.startswith("_")}
+
+    def recording(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = {ax.get_title(): labelled(ax) for ax in fig.axes if ax.get_title()}
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "save_figure", recording)
+    return drawn
 
 
 def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, monkeypatch):
@@ -46,6 +67,7 @@ def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, mo
 
     monkeypatch.setattr(run_cmd, "stage_analyze", fake_analyze)
     monkeypatch.setattr(run_cmd, "stage_train", fake_train)
+    drawn = drawn_figures(monkeypatch)
     out = tmp_path / "run"
     code = main(["run", "--model", str(tiny_base), "--data", str(data_dir), "--out", str(out),
                  "--tasks", "arc_easy", "--limit", "2", "--loops", "1,2", "--train-steps", "3"])
@@ -71,6 +93,21 @@ def test_run_wires_every_stage_into_the_report(tiny_base, data_dir, tmp_path, mo
     assert (out / "eval" / "metric_vs_loops.png").exists() and (out / "eval" / "compute_vs_quality.png").exists()
     points = json.loads((out / "eval" / "report.json").read_text())["points"]
     assert [p["label"] for p in points][:2] == ["fixed 1", "fixed 2"]
+    # every plot draws base and dense as labelled horizontal lines beside the looped curve
+    results = report["results"]
+    assert set(drawn) == {"metric_vs_loops.png", "compute_vs_quality.png", "held_out_vs_loops.png"}
+    for name in ("metric_vs_loops.png", "compute_vs_quality.png"):
+        panel = drawn[name]["arc_easy acc"]
+        assert set(panel) == {"LoopUS", "base", "dense"}
+        assert panel["base"] == [results["base"]["arc_easy"]["acc"]] * 2
+        assert panel["dense"] == [results["dense"]["arc_easy"]["acc"]] * 2
+    assert drawn["metric_vs_loops.png"]["arc_easy acc"]["LoopUS"] == [
+        results[f"loopus (loops={n})"]["arc_easy"]["acc"] for n in (1, 2)]
+    for corpus, by_model in held_out.items():
+        panel = drawn["held_out_vs_loops.png"][f"{corpus} perplexity"]
+        assert panel["base"] == [by_model["base"]["1"]["ppl"]] * 2 and panel["dense"] == [by_model["dense"]["1"]["ppl"]] * 2
+        assert panel["LoopUS"] == pytest.approx([by_model["loopus"][n]["ppl"] for n in ("1", "2")])
+    assert "held_out_vs_loops.png" in (out / "report.md").read_text()
 
 
 def test_skipped_stages_are_reported_and_the_default_split_is_used(tiny_base, data_dir, tmp_path, monkeypatch, capsys):

@@ -170,6 +170,23 @@ def held_out_rows(held_out: dict) -> list[dict]:
             for n, v in by_loops.items()]
 
 
+def held_out_curves(held_out: dict) -> tuple[dict, dict]:
+    """LoopUS's held-out perplexity by loop count, and the other models' (at their one loop) as reference
+    lines, in the plots' {task: {metric: value}} shape with the corpus as the task."""
+    def metrics(v: dict) -> dict:
+        return {"perplexity": v["ppl"], "perplexity_stderr": v["ppl"] * v["nll_se"]}
+
+    curve: dict[int, dict] = {}
+    references: dict[str, dict] = {}
+    for corpus, by_model in held_out.items():
+        for n, v in by_model.get("loopus", {}).items():
+            curve.setdefault(int(n), {})[corpus] = metrics(v)
+        for label, by_loops in by_model.items():
+            if label != "loopus":
+                references.setdefault(label, {})[corpus] = metrics(by_loops["1"])
+    return curve, references
+
+
 # -- the job ------------------------------------------------------------------------------------
 
 
@@ -177,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval.harness import write_eval_report
-    from ..eval.report import markdown_table, metric_rows, write_json
+    from ..eval.report import markdown_table, metric_rows, plot_metric_vs_loops, write_json
     from ..paths import data_dir
     from ..zoo import load_base, resolve
 
@@ -266,8 +283,14 @@ def run(args: argparse.Namespace) -> int:
     held_out = stage_held_out(scored, tokenizer, split, loops, profile["ppl_tokens"], data)
     report["held_out_perplexity"] = held_out
     sweep = sweeps.get("loopus", {"loops": {}, "points": []})
+    # base and dense beside the looped curves in every plot
+    references = {label: table[label] for label in ("base", "dense") if label in table}
     write_eval_report(out / "eval", {"settings": {"model": args.model, "profile": args.profile, "limit": limit},
-                            **sweep, "notes": report["notes"]}, f"LoopUS run: {args.model}")
+                            **sweep, "references": references, "notes": report["notes"]}, f"LoopUS run: {args.model}")
+    curve, held_out_references = held_out_curves(held_out)
+    if curve:
+        plot_metric_vs_loops(curve, out / "held_out_vs_loops.png", f"held-out perplexity: {args.model}",
+                             held_out_references)
     write_json(report, out / "run.json")
     md = [f"# LoopUS run: {args.model} ({args.profile} profile)\n",
           f"Split: encoder {split[0]}, decoder {split[1]} layers. Tasks: {', '.join(tasks)}; limit {limit}.\n",
@@ -278,7 +301,9 @@ def run(args: argparse.Namespace) -> int:
            f"{profile['ppl_tokens'] or 'all'} tokens per corpus; se across windows)\n",
            markdown_table(held_out_rows(held_out))]
     md += ["\n## Notes\n"] + [f"- {n}" for n in report["notes"]]
-    md += ["\nPlots: eval/metric_vs_loops.png, eval/compute_vs_quality.png (details: eval/report.md)" + (", analyze/dynamics.png" if "analysis" in report else "")]
+    md += ["\nPlots (base and dense as reference lines): " + ("held_out_vs_loops.png, " if curve else "")
+           + "eval/metric_vs_loops.png, eval/compute_vs_quality.png (details: eval/report.md)"
+           + (", analyze/dynamics.png" if "analysis" in report else "")]
     (out / "report.md").write_text("\n".join(md) + "\n")
     progress.end("report", "done", t)
     write_json(report, out / "run.json")

@@ -127,7 +127,8 @@ def evaluate_loopus(
 
 
 def write_eval_report(out_dir: str | Path, report: dict[str, Any], title: str = "") -> dict[str, Path]:
-    """report.json, report.md and the PNGs for an `evaluate_loopus` result (plus optional extras)."""
+    """report.json, report.md and the PNGs for an `evaluate_loopus` result (plus optional extras: `settings`,
+    `notes`, and `references`, other models' {label: {task: {metric: value}}} drawn as lines in the plots)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(report, out / "report.json")}
@@ -139,7 +140,7 @@ def write_eval_report(out_dir: str | Path, report: dict[str, Any], title: str = 
         md.append("## Metric against num_loops\n")
         md.append(markdown_table(metric_rows({f"loops={n}": m for n, m in loops.items()})))
         files["metric_vs_loops"] = plot_metric_vs_loops(
-            {int(n): m for n, m in loops.items()}, out / "metric_vs_loops.png", title
+            {int(n): m for n, m in loops.items()}, out / "metric_vs_loops.png", title, report.get("references")
         )
     points = report.get("points") or []
     if points:
@@ -150,7 +151,8 @@ def write_eval_report(out_dir: str | Path, report: dict[str, Any], title: str = 
                 for metric, value in metrics.items():
                     rows.append({"setting": p["label"], "mean loop passes/token": p["mean_loop_passes"], "task": task, "metric": metric, "value": value})
         md.append(markdown_table(rows))
-        files["compute_vs_quality"] = plot_compute_vs_quality(points, out / "compute_vs_quality.png", title)
+        files["compute_vs_quality"] = plot_compute_vs_quality(points, out / "compute_vs_quality.png", title,
+                                                              report.get("references"))
     for note in report.get("notes", []):
         md.append(f"\n- {note}")
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -14,6 +14,8 @@ from ..plotting import pyplot, save_figure
 # Metrics where lower is better (for labels and for picking plot directions).
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
+References = Mapping[str, Mapping[str, Mapping[str, float]]]  # {model label: {task: {metric: value}}}
+
 
 def stderr_name(metric: str) -> str:
     """The flattened name of `metric`'s standard error: acc -> acc_stderr, m[filter] -> m_stderr[filter]."""
@@ -123,10 +125,24 @@ def _save_panels(fig, axes, used: int, title: str, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+def _draw_references(ax, references: References | None, name: str) -> None:
+    """Each reference model's value on the panel's (task, metric) as a labelled horizontal line, so a
+    reader sees at a glance whether a point of the looped curve beats it; a legend once there is one."""
+    task, metric = name.split(" ", 1)
+    for i, (label, tasks) in enumerate((references or {}).items()):
+        value = tasks.get(task, {}).get(metric)
+        if value is not None:
+            ax.axhline(value, color=f"C{i + 1}", linestyle=("--", ":", "-.")[i % 3], linewidth=1.2, label=label)
+    if len(ax.get_legend_handles_labels()[1]) > 1:
+        ax.legend(fontsize=7)
+
+
+def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "",
+                         references: References | None = None) -> Path:
     """Test-time scaling: one panel per (task, metric), the metric against num_loops.
 
-    `curve` is {num_loops: {task: {metric: value}}}.
+    `curve` is {num_loops: {task: {metric: value}}}; `references` ({label: {task: {metric: value}}}, e.g.
+    the base model and the dense baseline) are drawn as horizontal lines beside it.
     """
     series = _series((n, curve[n]) for n in sorted(int(n) for n in curve))
     names = sorted(series)
@@ -135,7 +151,8 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
         xs, ys = zip(*series[name])
         task, metric = name.split(" ", 1)
         errs = [curve[n][task].get(stderr_name(metric)) for n in xs]
-        ax.errorbar(xs, ys, yerr=None if None in errs else errs, marker="o", capsize=3)
+        ax.errorbar(xs, ys, yerr=None if None in errs else errs, marker="o", capsize=3, label="LoopUS")
+        _draw_references(ax, references, name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("num_loops")
@@ -146,18 +163,20 @@ def plot_metric_vs_loops(curve: Mapping[int, Mapping[str, Mapping[str, float]]],
     return _save_panels(fig, axes, len(names), title, path)
 
 
-def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_compute_vs_quality(points: Iterable[Mapping[str, Any]], path: str | Path, title: str = "",
+                            references: References | None = None) -> Path:
     """Compute against quality for exit thresholds: x = mean loop passes per token, y = each metric.
 
     `points`: dicts with `mean_loop_passes`, `label` (e.g. "t=0.9" or "fixed 4") and `metrics`
-    ({task: {metric: value}}).
+    ({task: {metric: value}}); `references` as in `plot_metric_vs_loops`.
     """
     series = _series(((float(p["mean_loop_passes"]), str(p.get("label", ""))), p["metrics"]) for p in points)
     names = sorted(series)
     fig, axes = _panels(len(names))
     for ax, name in zip(axes.flat, names):
         pts = sorted((x, y, label) for (x, label), y in series[name])
-        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o")
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label="LoopUS")
+        _draw_references(ax, references, name)
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("mean loop passes / token")

@@ -212,6 +212,22 @@ class ChunkedCE:
     kl_sum: torch.Tensor | None = None  # sum of per-token KL(reference || model), with `reference`
 
 
+# fn(hidden rows, targets, logits_fn) -> (summed NLL, per-token NLL detached, argmax): a fused projection + cross
+# entropy (e.g. a GPU kernel) that replaces the chunks while `fused_loss(fn)` is active; no reference term.
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, Callable], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+_FUSED: list[ChunkLoss] = []
+
+
+@contextlib.contextmanager
+def fused_loss(fn: ChunkLoss):
+    """Inside the block, `chunked_cross_entropy` (without a reference term) computes its loss with `fn`."""
+    _FUSED.append(fn)
+    try:
+        yield
+    finally:
+        _FUSED.pop()
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -232,6 +248,9 @@ def chunked_cross_entropy(
     targets = labels[valid]
     ref_flat = reference[0][valid].detach() if reference is not None else None
     needs_grad = torch.is_grad_enabled() and flat.requires_grad
+    if _FUSED and reference is None and flat.shape[0]:
+        loss_sum, nll, pred = _FUSED[-1](flat, targets, logits_fn)
+        return ChunkedCE(loss_sum, int(flat.shape[0]), nll, pred, valid)
 
     def piece(h: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None):
         logits = logits_fn(h).float()
