@@ -16,7 +16,7 @@ from loopus.train.objective import RDSConfig, draw_horizon, sample_plan
 from loopus.train.optim import is_new_module
 from loopus.train.recipes import ITERATE, RECIPES
 from conftest import char_tokenizer, tiny_base
-from test_train_helpers import write_corpus
+from test_train_helpers import kill_inside_step, write_corpus
 
 torch.set_num_threads(1)
 IDS = torch.randint(4, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -180,13 +180,7 @@ def test_the_iterate_recipe_trains_the_injection_and_resumes_bit_identical(tmp_p
     assert straight.core.injection.weight.abs().sum() > 0  # the injection learned something
     killed = Trainer(iterate_config(tmp_path / "b", corpus), model=iterate_model(), tokenizer=tok, data=packed)
 
-    def kill_mid_step(module, args):
-        if killed.step == 4 and killed.optimizer.state:
-            raise KeyboardInterrupt("simulated kill")
-
-    killed.core.layers[1].register_forward_pre_hook(kill_mid_step)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
+    kill_inside_step(killed, 4, 1)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002", "step-00000004"]
     resumed = Trainer(iterate_config(tmp_path / "b", corpus, resume=True), model=iterate_model(), tokenizer=tok,
                       data=packed)

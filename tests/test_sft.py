@@ -17,7 +17,7 @@ from loopus.train.data import build_data, split_row
 from loopus.train.objective import RDSConfig, RDSPlan, rds_step
 from loopus.train.sft import SFTDataError
 from conftest import char_tokenizer, tiny_base, tiny_looped
-from test_train_helpers import tiny_loopus
+from test_train_helpers import kill_inside_step, tiny_loopus
 from test_train_trainer import tiny_dir  # noqa: F401  (a fixture: a tiny base model directory)
 
 torch.set_num_threads(1)
@@ -264,13 +264,7 @@ def test_sft_resume_is_bit_identical(tmp_path):
     straight.train()
     killed = Trainer(sft_config(tmp_path / "b", path), model=tiny_loopus("llama"), tokenizer=tok)
 
-    def kill_mid_step(module, args):
-        if killed.step == 4 and killed.optimizer.state:
-            raise KeyboardInterrupt("simulated kill")
-
-    killed.core.layers[3].register_forward_pre_hook(kill_mid_step)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
+    kill_inside_step(killed, 4, 3)
     assert [p.name for p in list_checkpoints(tmp_path / "b")][:2] == ["step-00000002", "step-00000004"]
     resumed = Trainer(sft_config(tmp_path / "b", path, resume=True), model=tiny_loopus("llama"), tokenizer=tok)
     resumed.train()

@@ -29,3 +29,17 @@ def write_corpus(root: Path, name: str = "tiny", docs: int = 200, seed: int = 0)
 
 def tiny_loopus(family: str = "llama", seed: int = 0, encoder: int = 1, decoder: int = 1):
     return loopus.convert(tiny_base(family, seed).train(), encoder, decoder, gate_rank=8)
+
+
+def kill_inside_step(trainer, step: int, layer: int) -> None:
+    """Train `trainer` and kill it inside optimiser step `step` + 1, after the checkpoint of `step` (a
+    KeyboardInterrupt raised from layer `layer`'s forward, as a real kill would land mid-step)."""
+    import pytest
+
+    def kill(module, args):
+        if trainer.step == step and trainer.optimizer.state:
+            raise KeyboardInterrupt("simulated kill")
+
+    trainer.core.layers[layer].register_forward_pre_hook(kill)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()

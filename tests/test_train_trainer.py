@@ -19,7 +19,7 @@ from loopus.train import TrainConfig, Trainer, TrainingDiverged
 from loopus.train.checkpointing import STATE_FILE, list_checkpoints, load_checkpoint
 from loopus.train.data import build_data
 from conftest import char_tokenizer, tiny_base
-from test_train_helpers import tiny_loopus, write_corpus
+from test_train_helpers import kill_inside_step, tiny_loopus, write_corpus
 
 torch.set_num_threads(1)
 
@@ -75,13 +75,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, corpus, packed, rec
 
     killed = Trainer(config(tmp_path / "b", corpus, **recipe), model=tiny_loopus("llama"), tokenizer=tok, data=packed)
 
-    def kill_mid_step(module, args):
-        if killed.step == 4 and killed.optimizer.state:  # inside optimiser step 5, after checkpoint 4
-            raise KeyboardInterrupt("simulated kill")
-
-    killed.core.layers[3].register_forward_pre_hook(kill_mid_step)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
+    kill_inside_step(killed, 4, 3)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002", "step-00000004"]
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
