@@ -21,7 +21,8 @@ DRIFT_TESTS ?= tests/test_convert.py tests/test_checkpoint.py tests/test_cache.p
 	tests/test_real_gemma.py tests/test_perplexity.py \
 	tests/test_train_real.py "tests/test_train_trainer.py::test_killed_and_resumed_run_ends_bit_identical" \
 	tests/test_serve.py tests/test_chat.py \
-	tests/test_sft.py tests/test_reasoning_eval.py tests/test_bad_input.py
+	tests/test_sft.py tests/test_reasoning_eval.py tests/test_bad_input.py tests/test_iterate_recipe.py \
+	tests/test_reasoning_fewshot.py tests/test_reasoning_study.py
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)

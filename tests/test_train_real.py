@@ -37,3 +37,27 @@ def test_two_rds_steps_reduce_the_loss_on_real_text(gemma, data_dir):
     assert 1.0 < before["1"]["loss"] < 8.0  # a pretrained model on real text
     assert after["2"]["loss"] < before["2"]["loss"] - 0.05
     assert after["1"]["loss"] < before["1"]["loss"]
+
+
+def test_the_iterate_recipe_trains_its_injection_on_real_text(gemma, data_dir):
+    torch.set_num_threads(1)
+    base, tokenizer = gemma
+    from loopus.train.recipes import ITERATE
+
+    model = loopus.convert(copy.deepcopy(base), 7, 8, gate_init=ITERATE["gate_init"],
+                           gate_floor=ITERATE["gate_floor"], input_injection=True).train()
+    apply_freeze(model, {"embeddings"})
+    data = build_data(tokenizer, ["enwiki"], str(data_dir), seq_len=48, train_rows=1, valid_rows=1)
+    inputs, labels = data.batch(0, 1)
+    with torch.no_grad():
+        assert torch.equal(model(inputs, num_loops=1, use_cache=False).logits, base(inputs).logits)
+    before = evaluate(model, [(inputs, labels)], [1, 6], RDSConfig(ce_chunk=64))
+    assert abs(before["6"]["loss"] / before["1"]["loss"] - 1) < 0.005  # function preserving at 6 loops
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), new_module_lr_mult=100.0)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        rds_step(model, inputs, labels, RDSPlan(6, (1, 6), grad_steps=ITERATE["grad_steps"]), RDSConfig(ce_chunk=64))
+        assert model.injection.weight.grad is not None and model.injection.weight.grad.abs().sum() > 0
+        optimizer.step()
+    after = evaluate(model, [(inputs, labels)], [1, 6], RDSConfig(ce_chunk=64))
+    assert after["6"]["loss"] < before["6"]["loss"] - 0.05

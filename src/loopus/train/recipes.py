@@ -14,7 +14,8 @@ from another, and flags then override single options. Measurements behind each: 
 - `ITERATE`      built for iteration (reasoning SFT): the encoder output re-injected into every loop, T drawn
                  wide (Poisson-lognormal, mean ramped from 1 to 6 over the middle half of the run, up to 16),
                  loops 1 and T supervised with backpropagation through the last 4 loops only, a gate that
-                 cannot close below 0.01, and the new modules at 100x the base lr. The confidence head
+                 starts at 0.005 (function preserving to 16 loops) and cannot close below half that, and
+                 the new modules at 100x the base lr. The confidence head
                  trains on detached states in every recipe, so its loss cannot pull the loop shut.
                  Pair it with a small looped block (e.g. `--encoder-layers 7 --decoder-layers 8` on Gemma 3
                  270M: three plateau layers, see `loopus analyze`).
@@ -82,7 +83,8 @@ PAPER: Mapping[str, Any] = MappingProxyType({
 })
 
 ITERATE: Mapping[str, Any] = MappingProxyType({
-    **DEFAULT, "input_injection": True, "gate_floor": 0.01, "horizon_dist": "poisson_lognormal",
+    **DEFAULT, "input_injection": True, "gate_init": 0.005, "gate_floor": 0.0025,
+    "horizon_dist": "poisson_lognormal",
     "horizon_min": 1, "horizon_mean": 6.0, "horizon_max": 16, "grad_steps": 4, "new_module_lr_mult": 100.0,
 })
 
