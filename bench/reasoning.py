@@ -263,6 +263,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(scored_model(study, out, args.arm, arm))
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
     looped = is_looped(model)
     loops = sorted(set(args.loops)) if looped else [1]
     rules = parse_exit_rules(args.exit_rules, max(loops)) if looped else []
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="score the exit rules on the first N items per depth only (default: all; each costs "
                             "one more forward at the largest loop count)")
     score.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    score.add_argument("--device", default="auto", help="where to score: auto (a GPU if there is one), cpu, cuda")
     score.add_argument("--items-per-batch", type=int, default=8, help="items per forward (fixed loop counts)")
     score.set_defaults(handler=cmd_score)
     report = sub.add_parser("report", parents=[shared], help="tables and figures of every scored arm")
