@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def checkpoint(tmp_path_factory):
 def spawn(path: Path, *flags: str) -> pexpect.spawn:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(loopus.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
+    # Ctrl-C must reach the chat as it does from a terminal: a test runner started in the background of a
+    # non-interactive shell ignores SIGINT, and exec would hand that on to the child
     child = pexpect.spawn(sys.executable, ["-m", "loopus.cli", "chat", str(path), *flags], env=env,
-                          encoding="utf-8", timeout=120, dimensions=(50, 400))
+                          encoding="utf-8", timeout=120, dimensions=(50, 400),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("/help lists the commands")
     return child
 
