@@ -21,6 +21,13 @@ from torch import nn
 from transformers import initialization as init
 
 
+def rms_normalized(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 scaled to unit RMS over its last dimension: residual streams of real models have norms
+    in the hundreds, which would otherwise set the scale of what reads them."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class SelectiveGate(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gate_init: float, gate_floor: float = 0.0):
         super().__init__()
@@ -41,8 +48,7 @@ class SelectiveGate(nn.Module):
 
     def coefficient(self, proposal: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """The share `a` of the proposal kept, shape like the states."""
-        delta = (proposal - previous).float()
-        delta = delta * torch.rsqrt(delta.pow(2).mean(-1, keepdim=True) + 1e-6)
+        delta = rms_normalized(proposal - previous)
         rate = nn.functional.softplus(self.up(self.down(delta.to(self.down.weight.dtype))).float())
         a = torch.exp(-rate * torch.exp(self.A_log.float()))
         if self.gate_floor:

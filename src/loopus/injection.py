@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .gate import rms_normalized
+
 
 class InputInjection(nn.Module):
     def __init__(self, hidden_size: int):
@@ -28,6 +30,5 @@ class InputInjection(nn.Module):
 
     def forward(self, anchor: torch.Tensor) -> torch.Tensor:
         """W norm(h_0): what a pass from loop 2 on adds to its input."""
-        x = anchor.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return nn.functional.linear(x.to(self.weight.dtype), self.weight).to(anchor.dtype)
+        x = rms_normalized(anchor).to(self.weight.dtype)
+        return nn.functional.linear(x, self.weight).to(anchor.dtype)
