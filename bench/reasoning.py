@@ -93,6 +93,7 @@ class Study:
     train_size: int = 2000  # depthchain: generated train items per depth
     test_size: int = 200  # depthchain: generated test items per depth
     distractors: int = 3  # depthchain
+    operation: str = "add"  # depthchain: "add" (modular sums) or "copy" (pointer chasing)
 
     @property
     def trained_depth(self) -> int:
@@ -160,7 +161,8 @@ def train_corpus(study: Study, out: Path, data: str | None) -> Path:
         folder = root / "depthchain"
         argv = ["make-task", "depthchain", "--train-depths", ",".join(map(str, study.train_depths)),
                 "--test-depths", ",".join(map(str, study.test_depths)), "--train-size", str(study.train_size),
-                "--test-size", str(study.test_size), "--distractors", str(study.distractors)]
+                "--test-size", str(study.test_size), "--distractors", str(study.distractors),
+                "--operation", study.operation]
     if not (folder / "train.jsonl").is_file():
         run_loopus([*argv, "--out", str(root), "--seed", str(study.seed), *(["--data", data] if data else [])])
     return folder
@@ -329,6 +331,8 @@ def add_shared_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                  "train_size", "test_size", "distractors"):
         study.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     study.add_argument("--lr", type=float, default=default)
+    study.add_argument("--operation", choices=("add", "copy"), default=default,
+                       help="depthchain: add (modular sums) or copy (pointer chasing)")
     study.add_argument("--eval-loops", type=parse_ints, default=default)
 
 

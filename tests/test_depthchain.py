@@ -201,9 +201,65 @@ def test_make_task_builds_without_torch_and_documents_every_flag():
     assert probe.stdout.strip() == "[]"
 
 
-def test_training_examples_are_shuffled_across_depths(tmp_path):
-    # `loopus train` reads SFT examples in file order: its first examples must cover every training depth
+def test_training_and_validation_examples_are_shuffled_across_depths(tmp_path):
+    # `loopus train` reads SFT examples, and its validation budget, in file order: the first examples of
+    # either split must cover every training depth
     files = write_depthchain(tmp_path, seed=0, train_depths=range(1, 5), test_depths=[1], train_size=100,
-                             valid_size=1, test_size=1)
-    first = [json.loads(line)["depth"] for line in files["train"].read_text().splitlines()[:40]]
-    assert set(first) == {1, 2, 3, 4}
+                             valid_size=100, test_size=1)
+    for split in ("train", "valid"):
+        first = [json.loads(line)["depth"] for line in files[split].read_text().splitlines()[:40]]
+        assert set(first) == {1, 2, 3, 4}, split
+
+
+COPY = re.compile(r"^(\w+) = (\w+)$")
+
+
+def solve_copy(prompt: str) -> dict:
+    """The copy task read back from its text: the asked chain's root digit, its depth, and every root."""
+    lines = prompt.split("\n")
+    assert lines[0] == "Each line sets one variable." and lines[-1] == "Answer:"
+    query = re.fullmatch(r"What is (\w+)\?", lines[-2]).group(1)
+    defs = dict(COPY.match(line).groups() for line in lines[1:-2])
+    assert len(defs) == len(lines) - 3, "a variable set twice"
+    var, depth = query, 0
+    while not defs[var].isdigit():
+        var, depth = defs[var], depth + 1
+        assert depth <= len(defs), "cyclic"
+    roots = [rhs for rhs in defs.values() if rhs.isdigit()]
+    return {"answer": defs[var], "depth": depth, "roots": roots, "lines": lines[1:-2]}
+
+
+def test_copy_chains_are_pointer_chasing_among_distinct_roots(tmp_path):
+    write_depthchain(tmp_path, seed=5, train_depths=range(1, 5), test_depths=range(1, 17), train_size=200,
+                     valid_size=10, test_size=100, operation="copy")
+    rows = {s: [json.loads(x) for x in (tmp_path / "depthchain" / f"{s}.jsonl").open()]
+            for s in ("train", "valid", "test")}
+    for split in rows.values():
+        for row in split:
+            solved = solve_copy(row["prompt"])
+            assert row["completion"] == f" {solved['answer']}" and solved["depth"] == row["depth"]
+            assert len(set(solved["roots"])) == len(solved["roots"]) == row["distractors"] + 1
+            assert len(solved["lines"]) == (row["depth"] + 1) * (row["distractors"] + 1)
+            assert row["operation"] == "copy"
+    test = rows["test"]
+    assert not {r["prompt"] for r in test} & {r["prompt"] for r in rows["train"] + rows["valid"]}
+    # a model that answers with some root, chosen by where its line sits, scores at chance 1/(distractors + 1)
+    chance = 1 / (test[0]["distractors"] + 1)
+    sigma = (chance * (1 - chance) / len(test)) ** 0.5
+    for pick in (0, -1):
+        hits = sum(solve_copy(r["prompt"])["roots"][pick] == r["answer"] for r in test)
+        assert abs(hits / len(test) - chance) < 4 * sigma, (pick, hits)
+    settings = json.loads((tmp_path / "depthchain" / "settings.json").read_text())
+    assert settings["operation"] == "copy"
+
+
+def test_copy_operation_from_the_cli_and_its_limits(tmp_path, capsys):
+    assert main(["make-task", "depthchain", "--out", str(tmp_path), "--operation", "copy", "--train-depths", "1-2",
+                 "--test-depths", "1-3", "--train-size", "3", "--valid-size", "1", "--test-size", "2"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "depthchain" / "test.jsonl").open()]
+    assert {r["operation"] for r in rows} == {"copy"} and all(solve_copy(r["prompt"]) for r in rows)
+    capsys.readouterr()
+    assert main(["make-task", "depthchain", "--out", str(tmp_path), "--operation", "copy", "--distractors", "10"]) == 2
+    assert "copy chains need distinct root digits: at most 9 distractors, got 10" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown operation 'mul'"):
+        make_item(random.Random(0), 2, 1, "mul")

@@ -1,6 +1,7 @@
 """`loopus make-task TASK --out DIR`: write a reasoning task's files as TRL prompt/completion JSONL.
 
     loopus make-task depthchain --out data/ --seed 0 --train-depths 1-8 --test-depths 1-16
+    loopus make-task depthchain --out data/ --operation copy --train-depths 1-4   # pointer chasing
     loopus eval RUN/model --data data/ --tasks depthchain_k1,depthchain_k16 --num-loops 1,2,4
     loopus make-task mult_4x4 --out data/ --train-size 80000     # generated, test pairs kept out
     loopus make-task prontoqa --out data/                        # the data directory's train split
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-size", type=int, default=200, help="depthchain: test items per depth")
     p.add_argument("--distractors", type=int, default=3, help="depthchain: distractor chains per item, as long as "
                    "the asked one")
+    p.add_argument("--operation", choices=("add", "copy"), default="add",
+                   help="depthchain: each step adds a digit modulo 10 (add) or copies the previous variable "
+                        "(copy: pointer chasing, the easier task)")
     p.set_defaults(handler=run)
 
 
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         files = write_depthchain(args.out, args.seed, args.train_depths, args.test_depths,
                                  2000 if args.train_size is None else args.train_size, args.valid_size,
-                                 args.test_size, args.distractors)
+                                 args.test_size, args.distractors, args.operation)
     else:
         from ..tasks.sft import write_sft
 

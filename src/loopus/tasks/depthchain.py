@@ -10,10 +10,15 @@ independent of everything else in the item, so the answer is uniform given any p
 chain's lines: no single line (the query's own line, the last line, the root) predicts it better than
 chance (1/10), and a model has to follow the whole chain. The answer is one digit.
 
+With `operation="copy"` every step is a plain copy (`vk = v(k-1)`) and the chains' roots hold distinct
+digits, so the answer is the root of the asked chain: pointer chasing, k lookups with no arithmetic. It
+is the easier rung of the same ladder, learnable from a few thousand examples, and a model that has
+learned only "answer with some root" is right with chance 1/(distractors + 1).
+
 Generation is deterministic from the seed: each (split, depth) draws from its own `random.Random`
 stream (string seeds are hashed with SHA-512, stable across Python versions), so changing one split's
-size leaves every other split unchanged. Test items never appear in train or valid. The training
-split is shuffled across depths, since a run reads examples in file order.
+size leaves every other split unchanged. Test items never appear in train or valid. The train and valid
+splits are shuffled across depths, since a run reads examples (and its validation budget) in file order.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ from .files import write_splits
 TASK_DIR = "depthchain"  # the folder inside the data directory that the lm-eval tasks read
 MODULUS = 10
 NAMES = tuple("".join(p) for p in product(string.ascii_lowercase, repeat=2))
-INSTRUCTION = f"Each line sets one variable. Arithmetic is modulo {MODULUS}."
+OPERATIONS = ("add", "copy")
+INSTRUCTIONS = {"add": f"Each line sets one variable. Arithmetic is modulo {MODULUS}.",
+                "copy": "Each line sets one variable."}
 
 
-def make_item(rng: random.Random, depth: int, distractors: int) -> dict:
+def make_item(rng: random.Random, depth: int, distractors: int, operation: str = "add") -> dict:
     """One item at `depth` (k >= 1 dependent steps) with `distractors` further chains of the same length."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"unknown operation {operation!r}: choose one of {', '.join(OPERATIONS)}")
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     if distractors < 0:
@@ -43,36 +52,43 @@ def make_item(rng: random.Random, depth: int, distractors: int) -> dict:
     if chains * (depth + 1) > len(NAMES):
         raise ValueError(f"{chains} chains of depth {depth} need {chains * (depth + 1)} variable names; "
                          f"at most {len(NAMES)} exist: lower the depth or the number of distractors")
+    if operation == "copy" and chains > MODULUS:
+        raise ValueError(f"copy chains need distinct root digits: at most {MODULUS - 1} distractors, got {distractors}")
     names = rng.sample(NAMES, chains * (depth + 1))
+    roots = rng.sample(range(MODULUS), chains) if operation == "copy" else None
     lines, ends = [], []
     for c in range(chains):
         chain = names[c * (depth + 1) : (c + 1) * (depth + 1)]
-        value = rng.randrange(MODULUS)
+        value = roots[c] if roots else rng.randrange(MODULUS)
         lines.append(f"{chain[0]} = {value}")
         for prev, var in zip(chain, chain[1:]):
+            if roots:
+                lines.append(f"{var} = {prev}")
+                continue
             step = rng.randrange(1, MODULUS)  # never 0: every step changes the value
             lines.append(f"{var} = {prev} + {step}")
             value = (value + step) % MODULUS
         ends.append((chain[-1], value))
     query, answer = ends[0]  # chain 0 is the asked one; the shuffle hides which lines are its
     rng.shuffle(lines)
-    prompt = "\n".join([INSTRUCTION, *lines, f"What is {query}?", "Answer:"])
+    prompt = "\n".join([INSTRUCTIONS[operation], *lines, f"What is {query}?", "Answer:"])
     return {"prompt": prompt, "completion": f" {answer}", "answer": str(answer), "depth": depth,
-            "distractors": distractors, "query": query}
+            "distractors": distractors, "operation": operation, "query": query}
 
 
-def _items(seed: int, split: str, depths: Iterable[int], count: int, distractors: int,
+def _items(seed: int, split: str, depths: Iterable[int], count: int, distractors: int, operation: str,
            exclude: set[str]) -> list[dict]:
     """`count` items per depth for `split`, none of whose prompts is in `exclude` (which grows)."""
     rows = []
     for depth in depths:
-        rng = random.Random(f"depthchain/{seed}/{split}/{depth}")
+        stream = f"{seed}/{split}/{depth}" if operation == "add" else f"{operation}/{seed}/{split}/{depth}"
+        rng = random.Random(f"depthchain/{stream}")  # the add task's streams predate the copy task
         made = tries = 0
         while made < count:
             tries += 1
             if tries > 10 * count + 100:
                 raise ValueError(f"depth {depth}: too few distinct items for {count} per split: add distractors")
-            item = make_item(rng, depth, distractors)
+            item = make_item(rng, depth, distractors, operation)
             if item["prompt"] in exclude:
                 continue
             exclude.add(item["prompt"])
@@ -90,11 +106,13 @@ def write_depthchain(
     valid_size: int = 100,
     test_size: int = 200,
     distractors: int = 3,
+    operation: str = "add",
 ) -> dict[str, Path]:
     """Write `out_dir/depthchain/{train,valid,test}.jsonl` (TRL prompt/completion rows plus `depth`).
 
     Sizes are per depth. Train and valid cover `train_depths`, test covers `test_depths` (train on
-    k <= K, test beyond K to measure extrapolation). Returns the written files by split.
+    k <= K, test beyond K to measure extrapolation); `operation` is "add" (modular sums) or "copy"
+    (pointer chasing). Returns the written files by split.
     """
     train_depths, test_depths = sorted(set(train_depths)), sorted(set(test_depths))
     for name, count in (("train_size", train_size), ("valid_size", valid_size), ("test_size", test_size)):
@@ -102,15 +120,20 @@ def write_depthchain(
             raise ValueError(f"{name} must be 0 or more, got {count}")
     if not test_depths or test_size < 1:
         raise ValueError("the test split needs at least one depth and test_size >= 1")
+    if operation not in OPERATIONS:
+        raise ValueError(f"unknown operation {operation!r}: choose one of {', '.join(OPERATIONS)}")
     seen: set[str] = set()
-    splits = {"test": _items(seed, "test", test_depths, test_size, distractors, seen)}
-    splits["valid"] = _items(seed, "valid", train_depths, valid_size, distractors, seen)
-    splits["train"] = _items(seed, "train", train_depths, train_size, distractors, seen)
-    # training reads examples in file order, so a short run must not see only the first depth
-    random.Random(f"depthchain/{seed}/train/order").shuffle(splits["train"])
+    splits = {split: _items(seed, split, depths, count, distractors, operation, seen)
+              for split, depths, count in (("test", test_depths, test_size), ("valid", train_depths, valid_size),
+                                           ("train", train_depths, train_size))}
+    # training and its validation read examples in file order, so a short run (or a validation budget
+    # smaller than the file) must not see only the first depth
+    for split in ("train", "valid"):
+        random.Random(f"depthchain/{seed}/{split}/order").shuffle(splits[split])
     folder = Path(out_dir) / TASK_DIR
     files = write_splits(folder, splits)
     settings = {"seed": seed, "train_depths": train_depths, "test_depths": test_depths, "train_size": train_size,
-                "valid_size": valid_size, "test_size": test_size, "distractors": distractors}
+                "valid_size": valid_size, "test_size": test_size, "distractors": distractors,
+                "operation": operation}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     return files
