@@ -8,6 +8,7 @@ compare item by item.
 
     python bench/reasoning.py --out runs/pq train dense      # writes the task's data first; resumes a run
     python bench/reasoning.py --out runs/pq score default --exit-limit 50   # OUT/ARM/scores.json (resumable)
+    python bench/reasoning.py --out runs/pq forgetting dense # enwiki perplexity, arc_easy and piqa of an arm
     python bench/reasoning.py --out runs/pq report           # OUT/report.md, report.json and the figures
     python bench/reasoning.py --out runs/dc --task depthchain --train-depths 1-6 --test-depths 1-16 train default
 
@@ -25,6 +26,7 @@ OUT layout:
     ARM/model/                     `loopus train --out`: the final model, logs/train.jsonl, checkpoints/
     ARM/scores.json                per item: fixed loop counts and exit rules, log-likelihoods, correctness,
                                    loop passes (ARM/scores.partial.jsonl while scoring)
+    ARM/forgetting.json            `forgetting`: enwiki perplexity and arc_easy/piqa accuracy
     report.md, report.json, *.png  `report` (bench/reasoning_report.py)
 """
 
@@ -305,6 +307,54 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(f"{args.arm}: {len(items)} items -> {folder / 'scores.json'}")
 
 
+# -- forgetting --------------------------------------------------------------------------------------
+
+FORGETTING_TASKS = ("arc_easy", "piqa")
+
+
+def best_loop_count(scores: dict, trained_depth: int) -> int:
+    """The fixed loop count with the highest accuracy past the trained depth (over all depths if none is)."""
+    items = [r for r in scores["items"] if r["depth"] > trained_depth] or scores["items"]
+    return max(scores["loops"], key=lambda n: sum(r["fixed"][str(n)]["correct"] for r in items))
+
+
+def cmd_forgetting(args: argparse.Namespace) -> None:
+    """What the fine-tune cost outside its task: held-out enwiki perplexity and lm-eval's arc_easy and piqa,
+    at one loop and (a LoopUS arm) at its best loop count past the trained depth. Writes OUT/ARM/forgetting.json."""
+    from loopus.convert import as_looped
+    from loopus.eval.harness import evaluate_hf, evaluate_loopus
+    from loopus.eval.options_score import is_looped
+    from loopus.eval.perplexity import held_out_documents, per_loop_perplexity
+
+    study, out, arm = study_settings(args), Path(args.out), arm_named(args.arm)
+    path = scored_model(study, out, args.arm, arm)
+    model, tokenizer = load_model(path)
+    loops, looped = [1], is_looped(model)
+    if looped:
+        scores = out / args.arm / "scores.json"
+        if not scores.is_file():
+            fail(f"{scores} not found: run `score {args.arm}` first (its best loop count is scored here too)")
+        loops = sorted({1, best_loop_count(read_json(scores), study.trained_depth)})
+    else:  # a plain model recast with the study's split: at one loop it computes exactly the plain model
+        model = as_looped(model, *study.split)
+    text = per_loop_perplexity(model.eval(), tokenizer, held_out_documents("enwiki", args.data), loops,
+                               max_tokens=args.tokens)
+    del model
+    tasks = list(FORGETTING_TASKS)
+    if looped:
+        lm_eval = evaluate_loopus(path, tasks, num_loops=loops, limit=args.limit, data=args.data)["loops"]
+    else:
+        lm_eval = {1: evaluate_hf(path, tasks, limit=args.limit, data=args.data)}
+    result = {"arm": args.arm, "model": path, "loops": loops, "enwiki_tokens": args.tokens, "lm_eval_limit": args.limit,
+              "enwiki": {str(n): text[n] for n in loops}, "lm_eval": {str(n): v for n, v in lm_eval.items()}}
+    target = out / args.arm / "forgetting.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{args.arm}: " + "; ".join(f"{n} loop(s): enwiki ppl {text[n]['ppl']:.3f}, "
+                                      + ", ".join(f"{t} {m.get('acc', float('nan')):.3f}" for t, m in
+                                                  result["lm_eval"][str(n)].items()) for n in loops))
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -360,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", help="where to score: auto (a GPU if there is one), cpu, cuda")
     score.add_argument("--items-per-batch", type=int, default=8, help="items per forward (fixed loop counts)")
     score.set_defaults(handler=cmd_score)
+    forget = sub.add_parser("forgetting", parents=[shared], help="held-out enwiki perplexity and arc_easy/piqa of "
+                            "one arm (at 1 loop and its best loop count), to set against base and dense")
+    forget.add_argument("arm")
+    forget.add_argument("--tokens", type=int, default=8192, help="held-out enwiki tokens")
+    forget.add_argument("--limit", type=int, default=200, help="lm-eval items per task")
+    forget.set_defaults(handler=cmd_forgetting)
     report = sub.add_parser("report", parents=[shared], help="tables and figures of every scored arm")
     report.set_defaults(handler=cmd_report)
     return p

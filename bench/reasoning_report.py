@@ -205,6 +205,19 @@ def markdown(study: dict, arms: dict[str, ArmScores], result: dict, depths: list
                 lines.append(f"| {name} | {rule} | {cell(e['accuracy'])} | {versus} | {e['mean_passes']:.2f} | "
                              f"{100 * e['passes_saved']:.0f}% | {e['spearman_passes_depth']:.2f} |")
         lines.append("")
+    if result["forgetting"]:
+        tasks = sorted({t for f in result["forgetting"].values() for m in f["lm_eval"].values() for t in m})
+        lines += ["## Forgetting: held-out enwiki and general tasks after the fine-tune", "",
+                  "| arm | loops | enwiki perplexity | " + " | ".join(f"{t} acc" for t in tasks) + " |",
+                  "|---" * (3 + len(tasks)) + "|"]
+        for name, f in result["forgetting"].items():
+            for n in f["loops"]:
+                scores = f["lm_eval"][str(n)]
+                accs = [scores.get(t, {}) for t in tasks]
+                lines.append(f"| {name} | {n} | {f['enwiki'][str(n)]['ppl']:.3f} | " + " | ".join(
+                    f"{100 * a['acc']:.1f} ± {100 * a.get('acc_stderr', math.nan):.1f}" if "acc" in a else "–"
+                    for a in accs) + " |")
+        lines.append("")
     curves = {n: c for n, c in result["learning_curves"].items() if c}
     if curves:
         lines += ["## Validation at the end of training (answer tokens)", "", "| arm | loops | step | loss | "
@@ -321,7 +334,9 @@ def write_report(out: Path, study: dict, arm_order: list[str], references: tuple
     result: dict[str, Any] = {"study": study, "groups": groups, "references": list(references),
                               "accuracy": {n: accuracy_table(a, depths, groups) for n, a in arms.items()},
                               "paired_vs_dense": {}, "exit": {n: exit_table(a) for n, a in arms.items()},
-                              "learning_curves": {n: learning_curve(out / n / "model") for n in names}}
+                              "learning_curves": {n: learning_curve(out / n / "model") for n in names},
+                              "forgetting": {p.parent.name: json.loads(p.read_text())
+                                             for p in sorted(out.glob("*/forgetting.json"))}}
     if DENSE in arms:
         dense = arms[DENSE].outcome("1")
         for name, arm in arms.items():

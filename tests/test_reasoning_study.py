@@ -231,6 +231,19 @@ def test_study_trains_scores_and_reports_every_arm_on_the_same_items(bench, data
     assert "## Summary" in md
     assert "## default" in md and "| threshold=1 |" in md and "Paired difference against dense" in md
     assert first_item["id"] == "1hop/" + json.loads((data_dir / "prontoqa" / "1hop_test.jsonl").open().readline())["id"]
+    # forgetting: enwiki perplexity and lm-eval tasks at 1 loop, and a looped arm at its best loop count too
+    for name in ("dense", "default"):
+        assert bench.main([*flat, "forgetting", name, "--tokens", "300", "--limit", "2"]) == 0
+    forgot = {n: json.loads((out / n / "forgetting.json").read_text()) for n in ("dense", "default")}
+    best = bench.best_loop_count(scores["default"], 3)
+    assert forgot["dense"]["loops"] == [1] and forgot["default"]["loops"] == sorted({1, best})
+    for f in forgot.values():
+        assert set(f["enwiki"]) == set(f["lm_eval"]) == {str(n) for n in f["loops"]}
+        assert all(v["tokens"] == 300 and v["ppl"] > 1 for v in f["enwiki"].values())
+        assert all(set(m) == {"arc_easy", "piqa"} and 0 <= m["piqa"]["acc"] <= 1 for m in f["lm_eval"].values())
+    assert bench.main([*flat, "report"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Forgetting" in md and "| dense | 1 | " in md and "| default | 1 | " in md
 
 
 def test_scoring_resumes_from_its_partial_file_and_refuses_other_settings(bench, data_dir, tmp_path, monkeypatch):
