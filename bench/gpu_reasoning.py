@@ -15,7 +15,7 @@ GPU's bf16 peak.
 
 `--fused-ce` computes the loss with Liger's fused linear cross entropy (`pip install liger-kernel`, a GPU
 with Triton) instead of the package's checkpointed fp32 chunks; it plugs in through
-`loopus.train.objective.fused_loss`. The package itself never needs it.
+`Trainer.fused_loss`. The package itself never needs it.
 
     LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning     # one GPU: 8 min of training
     LOOPUS_DATA=../shared/data python bench/gpu_reasoning.py --out runs/gpu_reasoning --fused-ce
@@ -26,7 +26,6 @@ with Triton) instead of the package's checkpointed fp32 chunks; it plugs in thro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -96,7 +95,7 @@ def sft_flops(cfg, base_config, share: float) -> float:
 
 
 def liger_loss(model) -> Callable:
-    """`fused_loss`'s function from Liger's fused linear cross entropy on `model`'s head (soft-capped where
+    """`Trainer.fused_loss` from Liger's fused linear cross entropy on `model`'s head (soft-capped where
     the model caps its logits): per-token NLL and argmax without the fp32 logits."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -113,11 +112,11 @@ def liger_loss(model) -> Callable:
 def train_arm(cfg, base, tokenizer, data, fused: bool) -> tuple[dict, object]:
     """Train one arm; its throughput and the trainer's resolved config."""
     from loopus.train import Trainer
-    from loopus.train.objective import fused_loss
 
     trainer = Trainer(cfg, model=copy.deepcopy(base), tokenizer=tokenizer, data=data)
-    with fused_loss(liger_loss(trainer.core)) if fused else contextlib.nullcontext():
-        history = trainer.train()
+    if fused:
+        trainer.fused_loss = liger_loss(trainer.core)
+    history = trainer.train()
     result = {"tokens": trainer.tokens, "steps": trainer.step, **history["throughput"]}
     return result, trainer.cfg
 

@@ -1,4 +1,4 @@
-"""bench/gpu_reasoning.py on CPU with a tiny budget, and the `fused_loss` hook it plugs a fused linear cross
+"""bench/gpu_reasoning.py on CPU with a tiny budget, and `Trainer.fused_loss`, where it plugs a fused linear cross
 entropy into: with the plain computation as a stand-in, a training step is exactly the chunked one."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import tiny_base
 from eval_fixtures import make_tiny_checkpoints
 
-from loopus.train.objective import RDSPlan, chunked_cross_entropy, fused_loss, rds_step
+from loopus.train.objective import RDSPlan, chunked_cross_entropy, rds_step
 from test_train_helpers import tiny_loopus
 from test_train_objective import batch
 
@@ -52,8 +52,7 @@ def test_fused_loss_stand_in_gives_the_chunked_step_exactly():
         calls.append(a[0].shape[0])
         return plain_loss(*a)
 
-    with fused_loss(counted):
-        got = rds_step(fused, ids, labels, plan)
+    got = rds_step(fused, ids, labels, plan, fused=counted)
     assert calls == [int((labels != -100).sum())] * 2  # every labelled position, once per supervised step
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7)
@@ -63,17 +62,16 @@ def test_fused_loss_stand_in_gives_the_chunked_step_exactly():
         torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7)
 
 
-def test_fused_loss_is_active_only_inside_its_block():
+def test_fused_loss_replaces_the_chunks_only_where_it_is_given():
     model = tiny_base("llama")
     hidden = torch.randn(2, 5, model.config.hidden_size)
     labels = torch.randint(0, model.config.vocab_size, (2, 5))
     head = model.get_output_embeddings().requires_grad_(False)
     marked = lambda h, y, f: (h.sum() * 0.0 + 7.0, torch.zeros(len(y)), torch.zeros(len(y), dtype=torch.long))
-    with fused_loss(marked):
-        assert float(chunked_cross_entropy(hidden, labels, head).loss_sum) == 7.0
-        # a reference term (KL toward the base) needs the logits: the chunks compute it as before
-        ref = chunked_cross_entropy(hidden, labels, head, reference=(hidden, head))
-        assert float(ref.loss_sum) != 7.0 and float(ref.kl_sum) == pytest.approx(0.0, abs=1e-5)
+    assert float(chunked_cross_entropy(hidden, labels, head, fused=marked).loss_sum) == 7.0
+    # a reference term (KL toward the base) needs the logits: the chunks compute it as before
+    ref = chunked_cross_entropy(hidden, labels, head, reference=(hidden, head), fused=marked)
+    assert float(ref.loss_sum) != 7.0 and float(ref.kl_sum) == pytest.approx(0.0, abs=1e-5)
     assert float(chunked_cross_entropy(hidden, labels, head).loss_sum) == pytest.approx(
         float(plain_loss(hidden.reshape(10, -1), labels.reshape(-1), head)[0]), rel=1e-6)
 
@@ -122,3 +120,31 @@ def test_fused_ce_without_liger_is_one_clear_error(bench, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--fused-ce needs liger-kernel" in err and "pip install" in err
+
+
+def test_trainer_trains_with_its_fused_loss_exactly_as_with_the_chunks(tmp_path):
+    from loopus.train import Trainer, TrainConfig
+    from loopus.train.data import build_data
+    from conftest import char_tokenizer
+    from test_train_helpers import write_corpus
+
+    write_corpus(tmp_path / "data")
+    data = build_data(char_tokenizer(), ["tiny"], str(tmp_path / "data"), seq_len=16, train_rows=4, valid_rows=2)
+    calls = []
+
+    def counted(*a):
+        calls.append(a[0].shape[0])
+        return plain_loss(*a)
+
+    trained = {}
+    for name, fused in (("chunks", None), ("fused", counted)):
+        cfg = TrainConfig.of(model="unused", out=str(tmp_path / name), data=str(tmp_path / "data"), corpus=["tiny"],
+                             seq_len=16, batch_size=2, max_steps=2, eval_at_start=False, eval_at_end=False,
+                             progress=False, tensorboard=False)
+        trainer = Trainer(cfg, model=tiny_loopus("llama"), tokenizer=char_tokenizer(), data=data)
+        trainer.fused_loss = fused
+        trainer.train()
+        trained[name] = trainer.core.state_dict()
+    assert calls and all(n > 0 for n in calls)  # every supervised step of both optimiser steps
+    for key, value in trained["chunks"].items():
+        torch.testing.assert_close(trained["fused"][key], value, rtol=1e-5, atol=1e-6)

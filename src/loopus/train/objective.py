@@ -213,19 +213,8 @@ class ChunkedCE:
 
 
 # fn(hidden rows, targets, logits_fn) -> (summed NLL, per-token NLL detached, argmax): a fused projection + cross
-# entropy (e.g. a GPU kernel) that replaces the chunks while `fused_loss(fn)` is active; no reference term.
+# entropy (e.g. a GPU kernel) that replaces the chunks where it is given; no reference term.
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, Callable], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-_FUSED: list[ChunkLoss] = []
-
-
-@contextlib.contextmanager
-def fused_loss(fn: ChunkLoss):
-    """Inside the block, `chunked_cross_entropy` (without a reference term) computes its loss with `fn`."""
-    _FUSED.append(fn)
-    try:
-        yield
-    finally:
-        _FUSED.pop()
 
 
 def chunked_cross_entropy(
@@ -234,6 +223,7 @@ def chunked_cross_entropy(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     chunk: int = CE_CHUNK,
     reference: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    fused: ChunkLoss | None = None,
 ) -> ChunkedCE:
     """Next-token CE of `hidden` (batch, seq, hidden; already aligned with `labels`) without full logits.
 
@@ -241,15 +231,16 @@ def chunked_cross_entropy(
     checkpoint: in the forward only its loss, NLLs and argmax survive; in the backward its logits
     are recomputed one chunk at a time. Positions labelled IGNORE_INDEX (-100) are skipped entirely. With
     `reference` = (hidden states of a reference model, its logits function), the KL divergence
-    KL(reference || model) per position is summed too, chunk by chunk in the same way.
+    KL(reference || model) per position is summed too, chunk by chunk in the same way. A `fused` loss
+    computes the labelled rows in one call instead of the chunks (not with a reference: the KL needs logits).
     """
     valid = labels != IGNORE_INDEX
     flat = hidden[valid]
     targets = labels[valid]
     ref_flat = reference[0][valid].detach() if reference is not None else None
     needs_grad = torch.is_grad_enabled() and flat.requires_grad
-    if _FUSED and reference is None and flat.shape[0]:
-        loss_sum, nll, pred = _FUSED[-1](flat, targets, logits_fn)
+    if fused is not None and reference is None and flat.shape[0]:
+        loss_sum, nll, pred = fused(flat, targets, logits_fn)
         return ChunkedCE(loss_sum, int(flat.shape[0]), nll, pred, valid)
 
     def piece(h: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None):
@@ -310,6 +301,7 @@ def rds_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     reference=None,
+    fused: ChunkLoss | None = None,
 ) -> dict[str, float]:
     """One batch of random deep supervision on a looped model (`loopus.looped`; a plain causal LM runs as
     one loop); calls backward per supervised step.
@@ -317,7 +309,8 @@ def rds_step(
     `labels` are aligned with `input_ids` (position i predicts labels[i]); IGNORE_INDEX is ignored.
     `loss_scale` multiplies every backward (e.g. 1 / gradient-accumulation steps). With a frozen
     `reference` model (the LoopUS model before training) and `cfg.kl_base > 0`, loop 1's loss adds
-    `kl_base` x KL(reference's loop 1 || loop 1) when loop 1 is supervised.
+    `kl_base` x KL(reference's loop 1 || loop 1) when loop 1 is supervised. `fused`: a fused projection +
+    cross entropy for the supervised steps (see `chunked_cross_entropy`).
     Returns detached metrics: `lm@t` per supervised step, `kl@1`, `mono`, `conf`, `conf_target`, `horizon`.
     """
     model: LoopedModel = looped_view(model)
@@ -353,7 +346,7 @@ def rds_step(
             if t == 1 and reference is not None and cfg.kl_base > 0:
                 with torch.no_grad():
                     ref = (one_loop_hidden(reference, input_ids), reference.lm_logits)
-            ce = chunked_cross_entropy(hidden, labels, model.lm_logits, cfg.ce_chunk, ref)
+            ce = chunked_cross_entropy(hidden, labels, model.lm_logits, cfg.ce_chunk, ref, fused)
             lm = ce.loss_sum / max(ce.count, 1)
             mono = torch.relu(lm - previous_lm) if previous_lm is not None else lm.new_zeros(())
             loss = lm + cfg.beta_mono * mono

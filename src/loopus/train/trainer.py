@@ -48,7 +48,7 @@ from .config import RESUMED_AS_WHOLES, Runtime, TrainConfig, resolve
 from .data import SHUFFLE_BLOCK, PackedData
 from .evaluation import evaluate
 from .model import build_model
-from .objective import rds_step, sample_plan
+from .objective import ChunkLoss, rds_step, sample_plan
 from .sft import read_chat_template
 from .optim import OptimConfig
 from .params import (
@@ -125,6 +125,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.history: dict[str, Any] = {}
+        # a fused projection + cross entropy for the training steps (e.g. a GPU kernel built on `self.core`'s
+        # head, see `objective.chunked_cross_entropy`); None computes the loss in checkpointed chunks
+        self.fused_loss: ChunkLoss | None = None
 
     def _build_model(self, model, tokenizer, bf16: bool) -> None:
         """The model as built (`model.build_model`), frozen, adapted, on this process's device, sharded."""
@@ -297,7 +300,8 @@ class Trainer:
             plan = sample_plan(torch.Generator().manual_seed(cfg.dataset.seed * 7919 + index), cfg.rds,
                                progress=self.step / self.total_steps)
             metrics = rds_step(self.core, inputs, labels, plan, cfg.rds, loss_scale=1.0 / grad_accum,
-                               backward=acc.backward, autocast=acc.autocast, reference=self.reference)
+                               backward=acc.backward, autocast=acc.autocast, reference=self.reference,
+                               fused=self.fused_loss)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / grad_accum
         if self.world > 1 and not self.sharded:  # FSDP has reduce-scattered in each backward already
