@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,32 @@ def test_show_loops_color_only_on_a_terminal():
     assert piped.show == "number"
     terminal = LoopStreamer(tokenizer=None, cache=None, show="color", out=_Terminal())
     assert terminal.show == "color"
+    assert piped.passes == [] and piped.pieces.cache is None
     legend = colour_legend(6)
     assert "\033[32m1 green\033[0m" in legend and "\033[31m5+ red\033[0m" in legend
     assert "5+" not in colour_legend(3) and "3 blue" in colour_legend(3)
+
+
+def test_generate_streamer_prints_each_token_with_its_loop_passes_and_the_whole_text():
+    from types import SimpleNamespace
+
+    import torch
+
+    from conftest import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokens = tokenizer("Hello\nworld", add_special_tokens=False)["input_ids"]
+    cache = SimpleNamespace(loop_passes=torch.zeros(1, 0, dtype=torch.long))
+    out = io.StringIO()
+    streamer = LoopStreamer(tokenizer, cache, show="number", out=out)
+    streamer.put(torch.tensor([[tokens[0]]]))  # the prompt comes first and is not printed
+    passes = [1 + i % 3 for i in range(len(tokens))]
+    for token, n in zip(tokens, passes):
+        cache.loop_passes = torch.cat([cache.loop_passes, torch.tensor([[n]])], dim=1)
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert streamer.passes == passes
+    printed = out.getvalue()
+    assert printed.endswith("\n") and printed.count("[") == len(tokens)
+    assert re.sub(r"\[\d+\]", "", printed) == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+    assert [int(n) for n in re.findall(r"\[(\d+)\]", printed)] == passes

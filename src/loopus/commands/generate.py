@@ -65,41 +65,38 @@ def colour_legend(num_loops: int) -> str:
 class LoopStreamer:
     """A transformers streamer (put/end) that prints each new token as it comes, with its loop count.
 
-    `generate` calls `put` after every step with the token just chosen; the cache's last recorded
-    loop-pass count is that of the forward that chose it.
+    The serving engine's per-token streamer does the decoding (`generate` calls `put` after every step
+    with the token just chosen; the cache's last recorded loop-pass count is that of the forward that
+    chose it); this one prints its pieces.
     """
 
     def __init__(self, tokenizer, cache, show: str, out=None):
+        from ..serving.engine import DepthStreamer  # here, not at the top: `loopus --help` must not load torch
+
         # sys.stdout is read when streaming starts, not at import (it may have been replaced since)
-        self.tokenizer, self.cache, self.out = tokenizer, cache, out or sys.stdout
+        self.out = out or sys.stdout
         # colour codes in a file or a pipe are noise: there the marker form is used instead
         is_terminal = getattr(self.out, "isatty", lambda: False)()
         self.show = "number" if show == "color" and not is_terminal else show
-        self.prompt_seen = False
-        self.tokens: list[int] = []
-        self.printed = ""
         self.passes: list[int] = []
+        self.pieces = DepthStreamer(tokenizer, cache, on_piece=self.print)
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("streaming supports one prompt at a time")
-        token = int(value.reshape(-1)[0])
-        loops = int(self.cache.loop_passes[0, -1])
-        self.passes.append(loops)
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        piece, self.printed = text[len(self.printed) :], text
-        if self.show == "number":
-            piece = f"{piece}[{loops}]"
-        elif self.show == "color":
-            piece = f"\033[{COLOURS.get(loops, 31)}m{piece}\033[0m"
-        self.out.write(piece)
+    def print(self, piece) -> None:
+        text = piece.text
+        if piece.token is not None:
+            self.passes.append(piece.passes)
+            if self.show == "number":
+                text = f"{text}[{piece.passes}]"
+            elif self.show == "color":
+                text = f"\033[{COLOURS.get(piece.passes, 31)}m{text}\033[0m"
+        self.out.write(text)
         self.out.flush()
 
+    def put(self, value) -> None:
+        self.pieces.put(value)
+
     def end(self) -> None:
+        self.pieces.end()
         self.out.write("\n")
         self.out.flush()
 

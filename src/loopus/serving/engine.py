@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
@@ -49,12 +49,17 @@ class Piece(NamedTuple):
 
 
 class DepthStreamer(TextIteratorStreamer):
-    """A `TextIteratorStreamer` that yields one `Piece` per generated token instead of whole words."""
+    """A `TextIteratorStreamer` that yields one `Piece` per generated token instead of whole words.
 
-    def __init__(self, tokenizer, cache: LoopKVCache | None):
+    Pieces go onto the queue the caller iterates, or, with `on_piece`, to that function as they come
+    (`loopus generate` prints them).
+    """
+
+    def __init__(self, tokenizer, cache: LoopKVCache | None, on_piece: Callable[[Piece], None] | None = None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.cache = cache
         self.ended = False
+        self.emit = on_piece or self.text_queue.put
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
@@ -72,7 +77,7 @@ class DepthStreamer(TextIteratorStreamer):
         if text.endswith("\n"):  # start over, keeping the last token as context for a leading space after it
             self.token_cache = self.token_cache[-1:]
             self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
-        self.text_queue.put(Piece(piece, token, passes))
+        self.emit(Piece(piece, token, passes))
 
     def end(self) -> None:
         if self.ended:
@@ -81,7 +86,7 @@ class DepthStreamer(TextIteratorStreamer):
         if self.token_cache:
             rest = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)[self.print_len :]
             if rest:
-                self.text_queue.put(Piece(rest, None, None))
+                self.emit(Piece(rest, None, None))
         self.text_queue.put(self.stop_signal)
 
 
