@@ -285,17 +285,23 @@ def test_study_refuses_changed_settings_missing_models_and_unknown_arms(bench, d
     assert bench.train_argv(bench.Study(), out, "dense", bench.Arm("dense"), None) is None
 
 
-def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path, monkeypatch):
+@pytest.mark.parametrize("operation", ["add", "copy"])
+def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path, monkeypatch, operation):
     base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
     monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None)})
     out = tmp_path / "study"
     # the study's options may also follow the sub-command
     assert bench.main(["--out", str(out), "score", "base", "--task", "depthchain", "--train-depths", "1-2",
                        "--test-depths", "1-5", "--train-size", "4", "--test-size", "3", "--model", str(base_dir),
-                       "--limit", "2"]) == 0
-    assert json.loads((out / "study.json").read_text())["task"] == "depthchain"
+                       "--limit", "2", "--operation", operation]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["task"] == "depthchain" and study["operation"] == operation
     items = json.loads((out / "base" / "scores.json").read_text())["items"]
     tests = {r["id"]: r for r in _rows(out / "data" / "depthchain" / "test.jsonl")}
+    assert {r["operation"] for r in tests.values()} == {operation}
+    other = "add" if operation == "copy" else "copy"
+    with pytest.raises(SystemExit, match=f"--operation {other} \\(study: {operation}\\)"):
+        bench.main(["--out", str(out), "--operation", other, "score", "base"])
     assert [r["depth"] for r in items] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     for r in items:
         assert r["gold"] == int(tests[r["id"]]["answer"]) and len(r["fixed"]["1"]["loglik"]) == 10
@@ -303,19 +309,3 @@ def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["groups"] == {"in_distribution": [1, 2], "extrapolation": [3, 4], "beyond": [5]}
     assert (out / "accuracy_vs_depth.png").is_file() and not (out / "exit_passes.png").exists()
-
-
-def test_depthchain_study_of_copy_chains_writes_and_scores_copy_items(bench, tmp_path, monkeypatch):
-    base_dir, _ = make_tiny_checkpoints(tmp_path / "tiny")
-    monkeypatch.setattr(bench, "ARMS", {"base": bench.Arm(None)})
-    out = tmp_path / "study"
-    assert bench.main(["--out", str(out), "--task", "depthchain", "--operation", "copy", "--train-depths", "1",
-                       "--test-depths", "1-2", "--train-size", "2", "--test-size", "2", "--model", str(base_dir),
-                       "score", "base", "--limit", "2"]) == 0
-    assert json.loads((out / "study.json").read_text())["operation"] == "copy"
-    tests = {r["id"]: r for r in _rows(out / "data" / "depthchain" / "test.jsonl")}
-    assert {r["operation"] for r in tests.values()} == {"copy"}
-    items = json.loads((out / "base" / "scores.json").read_text())["items"]
-    assert [r["gold"] for r in items] == [int(tests[r["id"]]["answer"]) for r in items]
-    with pytest.raises(SystemExit, match=r"--operation add \(study: copy\)"):
-        bench.main(["--out", str(out), "--operation", "add", "score", "base"])
