@@ -212,21 +212,23 @@ def test_training_and_validation_examples_are_shuffled_across_depths(tmp_path):
 
 
 COPY = re.compile(r"^(\w+) = (\w+)$")
+COPY_HEAD = "Each assignment sets one variable: "
 
 
 def solve_copy(prompt: str) -> dict:
     """The copy task read back from its text: the asked chain's root digit, its depth, and every root."""
     lines = prompt.split("\n")
-    assert lines[0] == "Each line sets one variable." and lines[-1] == "Answer:"
-    query = re.fullmatch(r"What is (\w+)\?", lines[-2]).group(1)
-    defs = dict(COPY.match(line).groups() for line in lines[1:-2])
-    assert len(defs) == len(lines) - 3, "a variable set twice"
+    assert len(lines) == 3 and lines[0].startswith(COPY_HEAD) and lines[0].endswith(".") and lines[-1] == "Answer:"
+    query = re.fullmatch(r"What is (\w+)\?", lines[1]).group(1)
+    assignments = lines[0][len(COPY_HEAD) : -1].split(", ")
+    defs = dict(COPY.match(a).groups() for a in assignments)
+    assert len(defs) == len(assignments), "a variable set twice"
     var, depth = query, 0
     while not defs[var].isdigit():
         var, depth = defs[var], depth + 1
         assert depth <= len(defs), "cyclic"
     roots = [rhs for rhs in defs.values() if rhs.isdigit()]
-    return {"answer": defs[var], "depth": depth, "roots": roots, "lines": lines[1:-2]}
+    return {"answer": defs[var], "depth": depth, "roots": roots, "lines": assignments}
 
 
 def test_copy_chains_are_pointer_chasing_among_distinct_roots(tmp_path):

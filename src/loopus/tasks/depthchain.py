@@ -11,9 +11,11 @@ chain's lines: no single line (the query's own line, the last line, the root) pr
 chance (1/10), and a model has to follow the whole chain. The answer is one digit.
 
 With `operation="copy"` every step is a plain copy (`vk = v(k-1)`) and the chains' roots hold distinct
-digits, so the answer is the root of the asked chain: pointer chasing, k lookups with no arithmetic. It
-is the easier rung of the same ladder, learnable from a few thousand examples, and a model that has
-learned only "answer with some root" is right with chance 1/(distractors + 1).
+digits, so the answer is the root of the asked chain: pointer chasing, k lookups with no arithmetic, and
+a model that has learned only "answer with some root" is right with chance 1/(distractors + 1). Its
+assignments share one line, comma-separated, so that a name is the same token wherever it stands (a
+SentencePiece tokenizer spells a word at the start of a line without the space it has after one, and
+a lookup would first have to learn that the two tokens name one variable).
 
 Generation is deterministic from the seed: each (split, depth) draws from its own `random.Random`
 stream (string seeds are hashed with SHA-512, stable across Python versions), so changing one split's
@@ -37,7 +39,7 @@ MODULUS = 10
 NAMES = tuple("".join(p) for p in product(string.ascii_lowercase, repeat=2))
 OPERATIONS = ("add", "copy")
 INSTRUCTIONS = {"add": f"Each line sets one variable. Arithmetic is modulo {MODULUS}.",
-                "copy": "Each line sets one variable."}
+                "copy": "Each assignment sets one variable:"}
 
 
 def make_item(rng: random.Random, depth: int, distractors: int, operation: str = "add") -> dict:
@@ -71,7 +73,10 @@ def make_item(rng: random.Random, depth: int, distractors: int, operation: str =
         ends.append((chain[-1], value))
     query, answer = ends[0]  # chain 0 is the asked one; the shuffle hides which lines are its
     rng.shuffle(lines)
-    prompt = "\n".join([INSTRUCTIONS[operation], *lines, f"What is {query}?", "Answer:"])
+    if roots:  # one line, so that every name follows a space and is the same token wherever it stands
+        prompt = "\n".join([f"{INSTRUCTIONS[operation]} {', '.join(lines)}.", f"What is {query}?", "Answer:"])
+    else:
+        prompt = "\n".join([INSTRUCTIONS[operation], *lines, f"What is {query}?", "Answer:"])
     return {"prompt": prompt, "completion": f" {answer}", "answer": str(answer), "depth": depth,
             "distractors": distractors, "operation": operation, "query": query}
 
