@@ -263,6 +263,11 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     study, out, arm = study_settings(args), Path(args.out), arm_named(args.arm)
     items = test_items(study, out, args.data, args.limit)
+    if args.depths is not None:
+        unknown = sorted(set(args.depths) - set(study.test_depths))
+        if unknown:
+            fail(f"--depths {unknown} are not test depths of the study ({list(study.test_depths)})")
+        items = [item for item in items if item.depth in args.depths]
     exit_limit = args.limit if args.exit_limit is None else min(args.exit_limit, args.limit)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +278,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     loops = sorted(set(args.loops)) if looped else [1]
     rules = parse_exit_rules(args.exit_rules, max(loops)) if looped else []
     settings = {"loops": loops, "exit_rules": [exit_label(r) for r in rules], "budget": max(loops),
-                "limit": args.limit, "exit_limit": exit_limit if rules else 0, "items": len(items)}
+                "limit": args.limit, "exit_limit": exit_limit if rules else 0, "items": len(items),
+                "depths": sorted({item.depth for item in items})}
     folder = out / args.arm
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "scores.partial.jsonl"
@@ -398,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", parents=[shared], help="score one arm's final model on the test items")
     score.add_argument("arm")
     score.add_argument("--limit", type=int, default=200, help="test items per depth (the first N)")
+    score.add_argument("--depths", type=depth_range, default=None,
+                       help="score these test depths only, e.g. 1-8 (default: every test depth of the study)")
     score.add_argument("--loops", type=parse_ints, default=[1, 2, 4, 8, 16], help="loop counts (LoopUS arms)")
     score.add_argument("--exit-rules", type=lambda t: [s for s in t.split(",") if s.strip() and s != "none"],
                        default=list(EXIT_STRATEGIES),

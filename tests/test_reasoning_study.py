@@ -309,3 +309,10 @@ def test_depthchain_study_scores_generated_items_at_every_depth(bench, tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["groups"] == {"in_distribution": [1, 2], "extrapolation": [3, 4], "beyond": [5]}
     assert (out / "accuracy_vs_depth.png").is_file() and not (out / "exit_passes.png").exists()
+    # an arm may be scored at some of the study's depths only (the same first items of each)
+    assert bench.main(["--out", str(out), "score", "base", "--limit", "2", "--depths", "2-3"]) == 0
+    subset = json.loads((out / "base" / "scores.json").read_text())
+    assert [r["id"] for r in subset["items"]] == [r["id"] for r in items if r["depth"] in (2, 3)]
+    assert subset["depths"] == [2, 3]
+    with pytest.raises(SystemExit, match=r"--depths \[9\] are not test depths of the study"):
+        bench.main(["--out", str(out), "score", "base", "--depths", "2,9"])
