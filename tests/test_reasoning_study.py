@@ -253,7 +253,7 @@ def test_scoring_resumes_from_its_partial_file_and_refuses_other_settings(bench,
     args = ["--out", str(out), "--data", str(data_dir), "score", "base", "--limit", "1"]
     assert bench.main(args) == 0
     scores = json.loads((out / "base" / "scores.json").read_text())
-    settings = {k: scores[k] for k in ("loops", "exit_rules", "budget", "limit", "exit_limit")} | {"items": 5}
+    settings = {k: scores[k] for k in ("loops", "exit_rules", "budget", "limit", "exit_limit", "depths")} | {"items": 5}
     kept = {**scores["items"][2], "fixed": {"1": {"loglik": [0.0, -1.0], "correct": True}}}
     (out / "base" / "scores.partial.jsonl").write_text(json.dumps(settings) + "\n" + json.dumps(kept) + "\n")
     assert bench.main(args) == 0
