@@ -45,6 +45,7 @@ import torch
 from loopus.cli import main as loopus_main
 from loopus.commands.make_task import depth_range
 from loopus.options import DEFAULT_THRESHOLDS, EXIT_STRATEGIES
+from loopus.tasks.depthchain import OPERATIONS
 from loopus.train.options import parse_ints
 from reasoning_report import write_report  # bench/, beside this script
 
@@ -387,7 +388,7 @@ def add_shared_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                  "train_size", "test_size", "distractors"):
         study.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     study.add_argument("--lr", type=float, default=default)
-    study.add_argument("--operation", choices=("add", "copy"), default=default,
+    study.add_argument("--operation", choices=OPERATIONS, default=default,
                        help="depthchain: add (modular sums) or copy (pointer chasing)")
     study.add_argument("--eval-loops", type=parse_ints, default=default)
 

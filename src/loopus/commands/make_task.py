@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..tasks.depthchain import OPERATIONS
+
 HELP = "write a reasoning task's train/valid(/test) files (depthchain, or SFT data for the shipped tasks)"
 TASKS = ("depthchain", "prontoqa", "prontoqa_ladder", "gsm8k_nocot", "mult_4x4", "mult_5x5")
 
@@ -52,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-size", type=int, default=200, help="depthchain: test items per depth")
     p.add_argument("--distractors", type=int, default=3, help="depthchain: distractor chains per item, as long as "
                    "the asked one")
-    p.add_argument("--operation", choices=("add", "copy"), default="add",
+    p.add_argument("--operation", choices=OPERATIONS, default="add",
                    help="depthchain: each step adds a digit modulo 10 (add) or copies the previous variable "
                         "(copy: pointer chasing, the easier task)")
     p.set_defaults(handler=run)

@@ -125,9 +125,7 @@ def write_depthchain(
             raise ValueError(f"{name} must be 0 or more, got {count}")
     if not test_depths or test_size < 1:
         raise ValueError("the test split needs at least one depth and test_size >= 1")
-    if operation not in OPERATIONS:
-        raise ValueError(f"unknown operation {operation!r}: choose one of {', '.join(OPERATIONS)}")
-    seen: set[str] = set()
+    seen: set[str] = set()  # (an unknown operation is refused by the first `make_item`, before any file is written)
     splits = {split: _items(seed, split, depths, count, distractors, operation, seen)
               for split, depths, count in (("test", test_depths, test_size), ("valid", train_depths, valid_size),
                                            ("train", train_depths, train_size))}
